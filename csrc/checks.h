@@ -1,0 +1,28 @@
+// Argument checks shared by the public ops. Every message names the op, the argument, what was
+// expected and what was given, so a user can fix the call without reading the source.
+#pragma once
+#include <ATen/ATen.h>
+#include <sstream>
+#include <string>
+
+namespace manifold_ext {
+
+inline std::string shape_str(const at::Tensor& t) {
+  std::ostringstream os;
+  os << t.sizes();
+  return os.str();
+}
+
+#define MX_CHECK(cond, op, ...) TORCH_CHECK(cond, op, ": ", __VA_ARGS__)
+
+inline at::ScalarType opmath_type(at::ScalarType t) {
+  return (t == at::kDouble) ? at::kDouble : at::kFloat;
+}
+
+void check_interp_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                       const c10::optional<at::Tensor>& bias, const at::Tensor& coeffs);
+
+void check_target(const char* op, const at::Tensor& target, int64_t B, int64_t N, int64_t C,
+                  bool single, const at::Device& device);
+
+}  // namespace manifold_ext

@@ -1,0 +1,191 @@
+// CPU primitives. Each point's weight block is built in a cache-sized scratch buffer from the K
+// vertices and handed to the BLAS that PyTorch ships; B weight copies are never held.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "../kernels.h"
+#include "../ops.h"
+
+namespace manifold_ext {
+namespace {
+
+using at::Tensor;
+
+// One point's block of combined weights: small enough to stay in L2 while BLAS reads it.
+constexpr int64_t kScratchBytes = int64_t(1) << 21;
+// Per-point products smaller than this are too small for BLAS threads to pay off, so the threads
+// take whole points instead.
+constexpr double kSerialFlops = double(1 << 22);
+
+template <typename F>
+void for_each_point(int64_t B, double flops_per_point, const F& f) {
+  if (B == 1 || flops_per_point >= kSerialFlops || at::get_num_threads() == 1) {
+    f(0, B);
+  } else {
+    at::parallel_for(0, B, 1, f);
+  }
+}
+
+int64_t rows_per_chunk(int64_t row_elems, int64_t elem_bytes, int64_t total_rows) {
+  const int64_t fit = kScratchBytes / std::max<int64_t>(1, row_elems * elem_bytes);
+  return std::clamp<int64_t>(fit, 16, std::max<int64_t>(16, total_rows));
+}
+
+// dst (rows, cols), contiguous = sum_k c[k] * src_k, where row r of src_k starts at
+// src + k * vstride + r * rstride and is contiguous. One pass over dst per vertex, row by row,
+// so each row stays in L1.
+template <typename scalar_t>
+void combine(const scalar_t* src, int64_t K, int64_t vstride, int64_t rstride, int64_t rows,
+             int64_t cols, const scalar_t* c, scalar_t* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    scalar_t* d = dst + r * cols;
+    const scalar_t* s0 = src + r * rstride;
+    const scalar_t c0 = c[0];
+    for (int64_t i = 0; i < cols; ++i) d[i] = c0 * s0[i];
+    for (int64_t k = 1; k < K; ++k) {
+      const scalar_t* sk = s0 + k * vstride;
+      const scalar_t ck = c[k];
+      for (int64_t i = 0; i < cols; ++i) d[i] += ck * sk[i];
+    }
+  }
+}
+
+void interp_mm_cpu(const Tensor& x, const Tensor& weight, const Tensor& coeffs,
+                   const Tensor& bias_mix, bool transpose, Tensor& y) {
+  const int64_t B = x.size(0), N = x.size(1), R = x.size(2), J = y.size(2), K = weight.size(0);
+  const double flops = 2.0 * N * R * J;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "interp_mm_cpu", [&] {
+    const scalar_t* w = weight.const_data_ptr<scalar_t>();
+    const int64_t vs = weight.stride(0);
+    const scalar_t* c = coeffs.const_data_ptr<scalar_t>();
+    // A chunk is outputs [j0, j1): rows of each W_k (out x in) for transpose=false, contiguous;
+    // columns of each W_k (R x J) for transpose=true, R row segments. Either way jc * R elements.
+    const int64_t chunk = rows_per_chunk(R, sizeof(scalar_t), J);
+    for_each_point(B, flops, [&](int64_t b0, int64_t b1) {
+      Tensor scratch = at::empty({std::min(chunk, J) * R}, x.options());
+      for (int64_t b = b0; b < b1; ++b) {
+        const Tensor xb = x[b];
+        for (int64_t j0 = 0; j0 < J; j0 += chunk) {
+          const int64_t jc = std::min(chunk, J - j0);
+          Tensor S;
+          if (!transpose) {
+            combine(w + j0 * R, K, vs, R, jc, R, c + b * K, scratch.data_ptr<scalar_t>());
+            S = scratch.narrow(0, 0, jc * R).view({jc, R}).t();
+          } else {
+            combine(w + j0, K, vs, J, R, jc, c + b * K, scratch.data_ptr<scalar_t>());
+            S = scratch.narrow(0, 0, jc * R).view({R, jc});
+          }
+          Tensor yb = y[b].narrow(1, j0, jc);
+          if (bias_mix.defined()) {
+            at::addmm_out(yb, bias_mix[b].narrow(0, j0, jc), xb, S);
+          } else {
+            at::mm_out(yb, xb, S);
+          }
+        }
+      }
+    });
+  });
+}
+
+void outer_mix_cpu(const Tensor& g, const Tensor& x, const Tensor& weight, const Tensor& coeffs,
+                   Tensor& grad_weight, Tensor& grad_coeffs) {
+  const int64_t B = x.size(0), R = x.size(2), J = g.size(2), K = weight.size(0);
+  if (grad_weight.defined()) grad_weight.zero_();
+  if (grad_coeffs.defined()) grad_coeffs.zero_();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "outer_mix_cpu", [&] {
+    const scalar_t* c = coeffs.const_data_ptr<scalar_t>();
+    const int64_t chunk = rows_per_chunk(R, sizeof(scalar_t), J);
+    Tensor M = at::empty({std::min(chunk, J), R}, x.options());
+    for (int64_t j0 = 0; j0 < J; j0 += chunk) {
+      const int64_t jc = std::min(chunk, J - j0);
+      Tensor Mc = M.narrow(0, 0, jc);
+      // Vertex rows [j0, j1) as one (K, jc * R) matrix: each row of it is contiguous.
+      const Tensor wk = weight.narrow(1, j0, jc).reshape({K, jc * R});
+      for (int64_t b = 0; b < B; ++b) {
+        at::mm_out(Mc, g[b].narrow(1, j0, jc).t(), x[b]);
+        if (grad_coeffs.defined()) grad_coeffs[b].add_(at::mv(wk, Mc.view({jc * R})));
+        if (grad_weight.defined()) {
+          for (int64_t k = 0; k < K; ++k) grad_weight[k].narrow(0, j0, jc).add_(Mc, c[b * K + k]);
+        }
+      }
+    }
+  });
+}
+
+void linear_ce_rows_cpu(const Tensor& x, const Tensor& weight, const Tensor& coeffs,
+                        const Tensor& bias_mix, const Tensor& target, Tensor& lse, Tensor& loss,
+                        Tensor& correct) {
+  const int64_t B = x.size(0), N = x.size(1), R = x.size(2), C = weight.size(1),
+                K = weight.size(0);
+  const double flops = 2.0 * N * R * C;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_ce_rows_cpu", [&] {
+    const scalar_t* w = weight.const_data_ptr<scalar_t>();
+    const int64_t vs = weight.stride(0);
+    const scalar_t* c = coeffs.const_data_ptr<scalar_t>();
+    const int64_t chunk = std::min<int64_t>(rows_per_chunk(R, sizeof(scalar_t), C), 4096);
+    for_each_point(B, flops, [&](int64_t b0, int64_t b1) {
+      Tensor scratch = at::empty({std::min(chunk, C) * R}, x.options());
+      Tensor z = at::empty({N, std::min(chunk, C)}, x.options());
+      for (int64_t b = b0; b < b1; ++b) {
+        const Tensor xb = x[b], tb = target[b];
+        Tensor run_max = at::full({N}, -std::numeric_limits<double>::infinity(), x.options());
+        Tensor run_sum = at::zeros({N}, x.options());
+        Tensor arg = at::zeros({N}, tb.options());
+        Tensor zt = at::zeros({N}, x.options());
+        for (int64_t c0 = 0; c0 < C; c0 += chunk) {
+          const int64_t cc = std::min(chunk, C - c0);
+          combine(w + c0 * R, K, vs, R, cc, R, c + b * K, scratch.data_ptr<scalar_t>());
+          const Tensor S = scratch.narrow(0, 0, cc * R).view({cc, R}).t();
+          Tensor zc = z.narrow(1, 0, cc);
+          if (bias_mix.defined()) {
+            at::addmm_out(zc, bias_mix[b].narrow(0, c0, cc), xb, S);
+          } else {
+            at::mm_out(zc, xb, S);
+          }
+          auto [cmax, carg] = zc.max(1);
+          const Tensor new_max = at::maximum(run_max, cmax);
+          run_sum.mul_((run_max - new_max).exp_()).add_((zc - new_max.unsqueeze(1)).exp_().sum(1));
+          // Strictly greater only: the first of equal maxima wins, as torch.argmax does.
+          arg = at::where(cmax > run_max, carg + c0, arg);
+          run_max = new_max;
+          const Tensor hit = (tb >= c0) & (tb < c0 + cc);
+          const Tensor picked = zc.gather(1, (tb - c0).clamp(0, cc - 1).unsqueeze(1)).squeeze(1);
+          zt = at::where(hit, picked, zt);
+        }
+        Tensor l = run_max + run_sum.log();
+        lse[b].copy_(l);
+        loss[b].copy_(l - zt);
+        correct[b].copy_(arg == tb);
+      }
+    });
+  });
+}
+
+void ce_rows_cpu(const Tensor& logits, const Tensor& target, Tensor& lse, Tensor& loss,
+                 Tensor& correct) {
+  const int64_t B = logits.size(0), N = logits.size(1), C = logits.size(2);
+  // logsumexp holds a temporary as large as its input: go a few points at a time.
+  const int64_t step = std::max<int64_t>(1, (int64_t(1) << 24) / std::max<int64_t>(1, N * C));
+  for (int64_t b0 = 0; b0 < B; b0 += step) {
+    const int64_t bc = std::min(step, B - b0);
+    const Tensor l = logits.narrow(0, b0, bc), t = target.narrow(0, b0, bc);
+    const Tensor s = at::logsumexp(l, -1);
+    lse.narrow(0, b0, bc).copy_(s);
+    loss.narrow(0, b0, bc).copy_(s - l.gather(2, t.unsqueeze(-1)).squeeze(-1));
+    correct.narrow(0, b0, bc).copy_(l.argmax(-1) == t);
+  }
+}
+
+const int registered = (set_kernels(c10::DeviceType::CPU,
+                                    Kernels{interp_mm_cpu, outer_mix_cpu, linear_ce_rows_cpu,
+                                            ce_rows_cpu}),
+                        0);
+
+}  // namespace
+}  // namespace manifold_ext
+
+TORCH_LIBRARY_IMPL(manifold_ext, CPU, m) { MANIFOLD_EXT_IMPL_ALL(m); }

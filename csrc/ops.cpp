@@ -1,0 +1,307 @@
+#include "ops.h"
+
+#include <algorithm>
+
+#include "checks.h"
+#include "kernels.h"
+
+namespace manifold_ext {
+
+namespace {
+
+// Elements of logits the cross-entropy backward recomputes at a time (64 MiB in float32).
+constexpr int64_t kLogitChunkElems = int64_t(1) << 24;
+
+Tensor empty_grad(const Tensor& like) { return at::empty({0}, like.options()); }
+
+// Inputs normalised to the batched form every kernel takes: coeffs (B, K) in opmath dtype,
+// weight with each vertex contiguous, and whether x is one input shared by all points.
+struct Interp {
+  bool single;  // coeffs (K,): one point, x (N, in), outputs without the B dimension
+  bool shared;  // coeffs (B, K) with x (N, in): every point sees the same input
+  at::ScalarType op_t;
+  Tensor c, w, x;  // x: (B, N, in) contiguous, or (N, in) contiguous when shared
+  int64_t B, N, K, J, R;
+};
+
+Interp normalise(const Tensor& x, const Tensor& weight, const Tensor& coeffs) {
+  Interp p;
+  p.single = coeffs.dim() == 1;
+  p.shared = !p.single && x.dim() == 2;
+  p.op_t = opmath_type(x.scalar_type());
+  p.c = (p.single ? coeffs.unsqueeze(0) : coeffs).to(p.op_t).contiguous();
+  p.w = weight.contiguous();
+  p.x = (p.single ? x.unsqueeze(0) : x).contiguous();
+  p.B = p.c.size(0);
+  p.K = weight.size(0);
+  p.J = weight.size(1);
+  p.R = weight.size(2);
+  p.N = p.shared ? x.size(0) : p.x.size(1);
+  return p;
+}
+
+Tensor mix_bias(const Interp& p, const OptTensor& bias) {
+  if (!bias.has_value() || !bias->defined()) return Tensor();
+  return at::mm(p.c, bias->to(p.op_t)).contiguous();  // (B, out)
+}
+
+// The K vertex outputs x @ W_k^T of a shared input, laid out (K, N * out) for mixing.
+Tensor vertex_outputs(const Interp& p) {
+  auto z = at::mm(p.x, p.w.view({p.K * p.J, p.R}).t());
+  return z.view({p.N, p.K, p.J}).permute({1, 0, 2}).reshape({p.K, p.N * p.J}).to(p.op_t);
+}
+
+Tensor per_point_x(const Interp& p) {
+  return p.shared ? p.x.unsqueeze(0).expand({p.B, p.N, p.R}) : p.x;
+}
+
+}  // namespace
+
+Tensor interp_linear(const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                     const Tensor& coeffs) {
+  check_interp_args("interp_linear", x, weight, bias, coeffs);
+  const Interp p = normalise(x, weight, coeffs);
+  const Tensor bias_mix = mix_bias(p, bias);
+  Tensor y;
+  if (p.B == 0 || p.N == 0 || p.J == 0 || p.R == 0) {
+    y = at::zeros({p.B, p.N, p.J}, x.options());
+    if (bias_mix.defined()) y.add_(bias_mix.unsqueeze(1).to(x.scalar_type()));
+  } else if (p.shared) {
+    // Exact for a linear layer: K products instead of B.
+    y = at::mm(p.c, vertex_outputs(p)).view({p.B, p.N, p.J});
+    if (bias_mix.defined()) y.add_(bias_mix.unsqueeze(1));
+    y = y.to(x.scalar_type());
+  } else {
+    y = at::empty({p.B, p.N, p.J}, x.options());
+    kernels_for(x).interp_mm(p.x, p.w, p.c, bias_mix, /*transpose=*/false, y);
+  }
+  return p.single ? y.squeeze(0) : y;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> interp_linear_backward(
+    const Tensor& grad_y, const Tensor& x, const Tensor& weight, const OptTensor& bias,
+    const Tensor& coeffs, std::array<bool, 4> mask) {
+  check_interp_args("interp_linear_backward", x, weight, bias, coeffs);
+  const Interp p = normalise(x, weight, coeffs);
+  const bool has_bias = bias.has_value() && bias->defined();
+  const Tensor g = (p.single ? grad_y.unsqueeze(0) : grad_y).contiguous();
+  MX_CHECK(g.dim() == 3 && g.size(0) == p.B && g.size(1) == p.N && g.size(2) == p.J,
+           "interp_linear_backward", "expected grad_y to have shape (B, N, out) = (", p.B, ", ",
+           p.N, ", ", p.J, "), but got shape ", shape_str(grad_y));
+  Tensor gx, gw, gb, gc;
+  const bool empty = g.numel() == 0 || p.R == 0;
+  if (empty) {
+    if (mask[0]) gx = at::zeros_like(p.x);
+    if (mask[1]) gw = at::zeros_like(p.w);
+    if (mask[3]) gc = at::zeros({p.B, p.K}, p.c.options());
+  } else if (p.shared) {
+    // sum_b c[b,k] grad_y[b] carries everything the K vertices need.
+    const Tensor G = at::mm(p.c.t(), g.view({p.B, p.N * p.J}).to(p.op_t)).view({p.K, p.N, p.J});
+    if (mask[0]) {
+      gx = at::mm(G.permute({1, 0, 2}).reshape({p.N, p.K * p.J}),
+                  p.w.view({p.K * p.J, p.R}).to(p.op_t))
+               .to(x.scalar_type());
+    }
+    if (mask[1]) {
+      gw = at::bmm(G.transpose(1, 2), p.x.to(p.op_t).unsqueeze(0).expand({p.K, p.N, p.R}))
+               .to(weight.scalar_type());
+    }
+    if (mask[3]) gc = at::mm(g.view({p.B, p.N * p.J}).to(p.op_t), vertex_outputs(p).t());
+  } else {
+    const auto& kern = kernels_for(x);
+    if (mask[0]) {
+      gx = at::empty_like(p.x);
+      kern.interp_mm(g, p.w, p.c, Tensor(), /*transpose=*/true, gx);
+    }
+    if (mask[1] || mask[3]) {
+      if (mask[1]) gw = at::empty_like(p.w);
+      if (mask[3]) gc = at::empty({p.B, p.K}, p.c.options());
+      kern.outer_mix(g, p.x, p.w, p.c, gw, gc);
+    }
+  }
+  if (mask[2] || (mask[3] && has_bias)) {
+    const Tensor gsum = g.sum(1, /*keepdim=*/false, p.op_t);  // (B, out)
+    if (mask[2] && has_bias) gb = at::mm(p.c.t(), gsum).to(bias->scalar_type());
+    if (mask[3] && has_bias) gc.add_(at::mm(gsum, bias->to(p.op_t).t()));
+  }
+  if (p.single) {
+    if (gx.defined()) gx = gx.squeeze(0);
+    if (gc.defined()) gc = gc.squeeze(0);
+  }
+  return {mask[0] ? gx : empty_grad(x), mask[1] ? gw : empty_grad(weight),
+          (mask[2] && has_bias) ? gb : empty_grad(weight),
+          mask[3] ? gc.to(coeffs.scalar_type()) : empty_grad(coeffs)};
+}
+
+namespace {
+
+void check_classes(const char* op, int64_t C, const Tensor& weight_or_logits) {
+  MX_CHECK(C >= 1, op, "expected at least one class, but got ", weight_or_logits.sizes());
+}
+
+Tensor batched_target(const Tensor& target, int64_t B, int64_t N) {
+  return target.dim() == 1 ? target.contiguous().unsqueeze(0).expand({B, N})
+                           : target.contiguous();
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> interp_linear_cross_entropy(const Tensor& x,
+                                                               const Tensor& weight,
+                                                               const OptTensor& bias,
+                                                               const Tensor& coeffs,
+                                                               const Tensor& target) {
+  const char* op = "interp_linear_cross_entropy";
+  check_interp_args(op, x, weight, bias, coeffs);
+  check_classes(op, weight.size(1), weight);
+  const Interp p = normalise(x, weight, coeffs);
+  check_target(op, target, p.B, p.N, p.J, p.single, x.device());
+  const Tensor bias_mix = mix_bias(p, bias);
+  auto fopts = x.options().dtype(p.op_t);
+  Tensor lse = at::empty({p.B, p.N}, fopts), loss = at::empty({p.B, p.N}, fopts);
+  Tensor correct = at::empty({p.B, p.N}, x.options().dtype(at::kBool));
+  if (p.B > 0 && p.N > 0) {
+    if (p.R == 0) {  // logits are the bias alone
+      Tensor logits = bias_mix.defined() ? bias_mix.unsqueeze(1).expand({p.B, p.N, p.J})
+                                         : at::zeros({p.B, p.N, p.J}, fopts);
+      kernels_for(x).ce_rows(logits.contiguous(), batched_target(target, p.B, p.N), lse, loss,
+                             correct);
+    } else {
+      kernels_for(x).linear_ce_rows(per_point_x(p), p.w, p.c, bias_mix,
+                                    batched_target(target, p.B, p.N), lse, loss, correct);
+    }
+  }
+  Tensor loss_sum = loss.sum(1), n_correct = correct.sum(1, false, at::kLong);
+  if (p.single) return {loss_sum.squeeze(0), n_correct.squeeze(0), lse.squeeze(0)};
+  return {loss_sum, n_correct, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> interp_linear_cross_entropy_backward(
+    const Tensor& grad_loss, const Tensor& x, const Tensor& weight, const OptTensor& bias,
+    const Tensor& coeffs, const Tensor& target, const Tensor& lse_in, std::array<bool, 4> mask) {
+  const char* op = "interp_linear_cross_entropy_backward";
+  check_interp_args(op, x, weight, bias, coeffs);
+  const Interp p = normalise(x, weight, coeffs);
+  const bool has_bias = bias.has_value() && bias->defined();
+  const Tensor gl = grad_loss.reshape({p.B}).to(p.op_t);
+  const Tensor lse = lse_in.reshape({p.B, p.N}).to(p.op_t);
+  const Tensor t = batched_target(target, p.B, p.N);
+  const Tensor bias_mix = mix_bias(p, bias);
+  const auto xt = x.scalar_type();
+  Tensor gx = mask[0] ? at::zeros_like(p.x, p.x.options().dtype(p.op_t)) : Tensor();
+  Tensor gw = mask[1] ? at::zeros_like(p.w) : Tensor();
+  Tensor gb = (mask[2] && has_bias) ? at::zeros({p.K, p.J}, weight.options().dtype(p.op_t))
+                                    : Tensor();
+  Tensor gc = mask[3] ? at::zeros({p.B, p.K}, p.c.options()) : Tensor();
+  const Tensor xb = per_point_x(p);
+  const int64_t rows = std::max<int64_t>(1, p.B * p.N);
+  const int64_t chunk = std::clamp<int64_t>(kLogitChunkElems / rows, 1, std::max<int64_t>(1, p.J));
+  if (p.B > 0 && p.N > 0) {
+    for (int64_t c0 = 0; c0 < p.J; c0 += chunk) {
+      const int64_t cc = std::min(chunk, p.J - c0);
+      const Tensor wc = p.w.narrow(1, c0, cc);
+      const Tensor bc = bias_mix.defined() ? bias_mix.narrow(1, c0, cc).contiguous() : Tensor();
+      // Logits of this class chunk, recomputed rather than stored by the forward.
+      Tensor z;
+      if (p.R == 0) {
+        z = bc.defined() ? bc.unsqueeze(1).expand({p.B, p.N, cc}).clone()
+                         : at::zeros({p.B, p.N, cc}, x.options().dtype(p.op_t));
+      } else {
+        z = at::empty({p.B, p.N, cc}, x.options());
+        kernels_for(x).interp_mm(xb, wc, p.c, bc, /*transpose=*/false, z);
+      }
+      Tensor dz = (z.to(p.op_t) - lse.unsqueeze(-1)).exp_();
+      const Tensor in_chunk = ((t >= c0) & (t < c0 + cc)).to(p.op_t).unsqueeze(-1);
+      dz.scatter_add_(2, (t - c0).clamp(0, cc - 1).unsqueeze(-1), -in_chunk);
+      dz.mul_(gl.view({p.B, 1, 1}));
+      if (p.R > 0 && (mask[0] || mask[1] || mask[3])) {
+        if (p.shared) {
+          const Tensor G = at::mm(p.c.t(), dz.view({p.B, p.N * cc})).view({p.K, p.N, cc});
+          if (mask[0]) {
+            gx.add_(at::mm(G.permute({1, 0, 2}).reshape({p.N, p.K * cc}),
+                           wc.reshape({p.K * cc, p.R}).to(p.op_t)));
+          }
+          if (mask[1]) {
+            gw.narrow(1, c0, cc).copy_(at::bmm(
+                G.transpose(1, 2), p.x.to(p.op_t).unsqueeze(0).expand({p.K, p.N, p.R})));
+          }
+          if (mask[3]) {
+            const Tensor zk = at::mm(p.x, wc.reshape({p.K * cc, p.R}).t())
+                                  .view({p.N, p.K, cc})
+                                  .permute({1, 0, 2})
+                                  .reshape({p.K, p.N * cc})
+                                  .to(p.op_t);
+            gc.add_(at::mm(dz.view({p.B, p.N * cc}), zk.t()));
+          }
+        } else {
+          const Tensor dzx = dz.to(xt);
+          if (mask[0]) {
+            Tensor part = at::empty_like(p.x);
+            kernels_for(x).interp_mm(dzx, wc, p.c, Tensor(), /*transpose=*/true, part);
+            gx.add_(part);
+          }
+          if (mask[1] || mask[3]) {
+            Tensor gwc = mask[1] ? gw.narrow(1, c0, cc) : Tensor();
+            Tensor gcc = mask[3] ? at::empty({p.B, p.K}, p.c.options()) : Tensor();
+            kernels_for(x).outer_mix(dzx, p.x, wc, p.c, gwc, gcc);
+            if (mask[3]) gc.add_(gcc);
+          }
+        }
+      }
+      if (mask[2] || (mask[3] && has_bias)) {
+        const Tensor dsum = dz.sum(1);  // (B, cc)
+        if (gb.defined()) gb.narrow(1, c0, cc).copy_(at::mm(p.c.t(), dsum));
+        if (mask[3] && has_bias) gc.add_(at::mm(dsum, bias->narrow(1, c0, cc).to(p.op_t).t()));
+      }
+    }
+  }
+  if (gx.defined()) {
+    gx = gx.to(xt);
+    if (p.single) gx = gx.squeeze(0);
+  }
+  if (gc.defined() && p.single) gc = gc.squeeze(0);
+  return {mask[0] ? gx : empty_grad(x), mask[1] ? gw : empty_grad(weight),
+          gb.defined() ? gb.to(bias->scalar_type()) : empty_grad(weight),
+          mask[3] ? gc.to(coeffs.scalar_type()) : empty_grad(coeffs)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batched_cross_entropy(const Tensor& logits,
+                                                         const Tensor& target) {
+  const char* op = "batched_cross_entropy";
+  MX_CHECK(logits.dim() == 2 || logits.dim() == 3, op,
+           "expected logits to have shape (B, N, classes) or (N, classes), but got shape ",
+           shape_str(logits));
+  MX_CHECK(at::isFloatingType(logits.scalar_type()), op,
+           "expected logits to have a floating-point dtype, but got ", logits.scalar_type());
+  const bool single = logits.dim() == 2;
+  const Tensor l = (single ? logits.unsqueeze(0) : logits).contiguous();
+  const int64_t B = l.size(0), N = l.size(1), C = l.size(2);
+  check_classes(op, C, logits);
+  check_target(op, target, B, N, C, single, logits.device());
+  const auto op_t = opmath_type(logits.scalar_type());
+  auto fopts = logits.options().dtype(op_t);
+  Tensor lse = at::empty({B, N}, fopts), loss = at::empty({B, N}, fopts);
+  Tensor correct = at::empty({B, N}, logits.options().dtype(at::kBool));
+  if (B > 0 && N > 0) kernels_for(logits).ce_rows(l, batched_target(target, B, N), lse, loss, correct);
+  Tensor loss_sum = loss.sum(1), n_correct = correct.sum(1, false, at::kLong);
+  if (single) return {loss_sum.squeeze(0), n_correct.squeeze(0), lse.squeeze(0)};
+  return {loss_sum, n_correct, lse};
+}
+
+Tensor batched_cross_entropy_backward(const Tensor& grad_loss, const Tensor& logits,
+                                      const Tensor& target, const Tensor& lse) {
+  const bool single = logits.dim() == 2;
+  const Tensor l = single ? logits.unsqueeze(0) : logits;
+  const int64_t B = l.size(0), N = l.size(1);
+  const auto op_t = opmath_type(logits.scalar_type());
+  Tensor g = (l.to(op_t) - lse.reshape({B, N, 1}).to(op_t)).exp_();
+  if (B > 0 && N > 0) {
+    g.scatter_add_(2, batched_target(target, B, N).unsqueeze(-1),
+                   at::full({B, N, 1}, -1.0, g.options()));
+  }
+  g.mul_(grad_loss.reshape({B, 1, 1}).to(op_t));
+  g = g.to(logits.scalar_type());
+  return single ? g.squeeze(0) : g;
+}
+
+}  // namespace manifold_ext
