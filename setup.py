@@ -56,6 +56,22 @@ def find_cuda_home():
     return None
 
 
+def cuda_library_includes(cuda_home):
+    """Header dirs of the CUDA libraries torch includes (cuSPARSE, cuBLAS, ...) when the toolkit
+    lacks them: CUDA builds of torch from PyPI ship them in the nvidia/* wheels."""
+    if os.path.exists(os.path.join(cuda_home, "include", "cusparse.h")):
+        return []
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    found = set()
+    for root in nvidia.__path__:
+        for header in glob.glob(os.path.join(root, "*", "include", "cusparse.h")):
+            found.add(os.path.dirname(header))
+    return sorted(found)
+
+
 def want_cuda(cuda_home):
     import torch
 
@@ -83,23 +99,31 @@ def extensions():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx = opt + ["-std=c++20"]
+    include = [os.path.join(ROOT, "csrc")]
     if not with_cuda:
-        return [CppExtension("manifold_ext._C", sources, extra_compile_args={"cxx": cxx})], False
+        ext = CppExtension(
+            "manifold_ext._C", sources, include_dirs=include, extra_compile_args={"cxx": cxx}
+        )
+        return [ext], False
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
     archs = os.environ["TORCH_CUDA_ARCH_LIST"]
     sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+    include += cuda_library_includes(cuda_home)
     defines = ["-DMANIFOLD_EXT_WITH_CUDA", f'-DMANIFOLD_EXT_CUDA_ARCHS="{archs}"']
     nvcc = opt + ["-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"] + defines
     ext = CUDAExtension(
-        "manifold_ext._C", sources, extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc}
+        "manifold_ext._C",
+        sources,
+        include_dirs=include,
+        extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc},
     )
     return [ext], True
 
 
 def main():
+    exts, with_cuda = extensions()  # first: it fixes CUDA_HOME before cpp_extension is imported
     from torch.utils.cpp_extension import BuildExtension
 
-    exts, with_cuda = extensions()
     print(f"manifold_ext: building {'CPU and CUDA' if with_cuda else 'CPU'} kernels", flush=True)
     setup(ext_modules=exts, cmdclass={"build_ext": BuildExtension})
 

@@ -4,6 +4,10 @@
 
 #include <sstream>
 
+#ifdef MANIFOLD_EXT_WITH_CUDA
+#include <cuda.h>  // CUDA_VERSION
+#endif
+
 #include "kernels.h"
 
 namespace manifold_ext {

@@ -88,8 +88,17 @@ def _points_shape(x: Tensor, coeffs: Tensor) -> tuple[int, ...]:
     return () if coeffs.dim() == 1 else (coeffs.shape[0],)
 
 
+def _check_devices(op: str, x: Tensor, **others: Optional[Tensor]) -> None:
+    for name, t in others.items():
+        torch._check(
+            t is None or t.device == x.device,
+            lambda: f"{op}: expected {name} on device {x.device} (the device of x), but got {t.device}",
+        )
+
+
 @torch.library.register_fake("manifold_ext::interp_linear")
 def _interp_linear_fake(x, weight, bias, coeffs):
+    _check_devices("interp_linear", x, weight=weight, bias=bias, coeffs=coeffs)
     torch._check(weight.dim() == 3, lambda: "interp_linear: expected weight of shape (K, out, in)")
     torch._check(x.shape[-1] == weight.shape[2], lambda: "interp_linear: x and weight disagree on in")
     n = x.shape[-2]
@@ -118,6 +127,8 @@ def _interp_linear_backward_fake(grad_y, x, weight, bias, coeffs, output_mask):
 
 @torch.library.register_fake("manifold_ext::interp_linear_cross_entropy")
 def _interp_linear_cross_entropy_fake(x, weight, bias, coeffs, target):
+    _check_devices("interp_linear_cross_entropy", x, weight=weight, bias=bias, coeffs=coeffs,
+                   target=target)
     pts, n = _points_shape(x, coeffs), x.shape[-2]
     f = _opmath(x.dtype)
     return (

@@ -1,0 +1,41 @@
+"""Side-by-side timing for noisy machines: methods are run interleaved, round after round, and
+compared by the ratio of their medians, never by absolute times across runs."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Dict
+
+import torch
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(methods: Dict[str, Callable[[], object]], *, rounds: int = 7, warmup: int = 2,
+                     device: str = "cpu") -> Dict[str, float]:
+    """Median seconds per call of each method, measured in interleaved rounds."""
+    for _ in range(warmup):
+        for fn in methods.values():
+            fn()
+    _sync(device)
+    samples: Dict[str, list] = {name: [] for name in methods}
+    for _ in range(rounds):
+        for name, fn in methods.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            samples[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def matmul_ceiling(device: str = "cpu", n: int = 2048, dtype=torch.float32) -> float:
+    """FLOP/s of a large square torch.mm on this machine, now: the compute roofline."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = time_interleaved({"mm": lambda: torch.mm(a, b)}, rounds=5, device=device)["mm"]
+    return 2.0 * n**3 / t

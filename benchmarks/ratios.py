@@ -1,0 +1,104 @@
+"""The fused-ops targets, measured as ratios in one run, printed as a table and saved as JSON.
+
+    python -m benchmarks.ratios [--device cpu|cuda] [--json results/bench_ops.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+import manifold_ext
+from benchmarks import cases
+from benchmarks.harness import matmul_ceiling, time_interleaved
+from benchmarks.memory import peak_extra_bytes
+
+
+def measure(device: str = "cpu", rounds: int = 7) -> dict:
+    ceiling = matmul_ceiling(device)
+    lin, lin_flops = cases.interp_linear_case(device=device)
+    t = time_interleaved(lin, rounds=rounds, device=device)
+    ce, ce_flops = cases.cross_entropy_case(device=device)
+    tc = time_interleaved(ce, rounds=max(3, rounds // 2), device=device)
+    res = {
+        "device": device,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "mm_ceiling_gflops": ceiling / 1e9,
+        "interp_linear": {
+            "shape": "B=64 K=2 N=256 in=out=512 float32",
+            "seconds": t,
+            "fused_vs_bmm_throughput": t["bmm"] / t["fused"],
+            "fused_vs_loop_speedup": t["loop"] / t["fused"],
+            "shared_vs_bmm_speedup": t["bmm_shared"] / t["fused_shared"],
+            "fused_roofline_fraction": lin_flops / t["fused"] / ceiling,
+            "bmm_roofline_fraction": lin_flops / t["bmm"] / ceiling,
+        },
+        "interp_linear_cross_entropy": {
+            "shape": "B=16 N=512 in=256 classes=32000 K=2 float32",
+            "seconds": tc,
+            "fused_vs_materialised_time": tc["fused"] / tc["materialised"],
+            "fused_roofline_fraction": ce_flops / tc["fused"] / ceiling,
+        },
+    }
+    if device == "cpu":
+        mem = {m: peak_extra_bytes("cross_entropy_case", m) for m in ("fused", "materialised")}
+        res["interp_linear_cross_entropy"]["peak_extra_bytes"] = mem
+        res["interp_linear_cross_entropy"]["fused_vs_materialised_memory"] = (
+            mem["fused"] / mem["materialised"]
+        )
+    return res
+
+
+TARGETS = [
+    ("interp_linear", "fused_vs_bmm_throughput", ">=", 0.9),
+    ("interp_linear", "shared_vs_bmm_speedup", ">=", 4.0),
+    ("interp_linear", "fused_vs_loop_speedup", ">=", 1.5),
+    ("interp_linear_cross_entropy", "fused_vs_materialised_time", "<=", 1.2),
+    ("interp_linear_cross_entropy", "fused_vs_materialised_memory", "<=", 0.25),
+]
+
+
+def check(res: dict) -> list:
+    """(name, value, target, met) for every target the results cover."""
+    rows = []
+    for group, key, op, bound in TARGETS:
+        if key in res[group]:
+            v = res[group][key]
+            rows.append((f"{group}.{key}", v, f"{op} {bound}", v >= bound if op == ">=" else v <= bound))
+    return rows
+
+
+def table(res: dict) -> str:
+    lines = [f"device={res['device']} threads={res['threads']} torch={res['torch']} "
+             f"mm ceiling={res['mm_ceiling_gflops']:.1f} GFLOP/s"]
+    for group in ("interp_linear", "interp_linear_cross_entropy"):
+        secs = ", ".join(f"{k}={v * 1e3:.2f} ms" for k, v in res[group]["seconds"].items())
+        lines.append(f"{group} ({res[group]['shape']}): {secs}")
+        lines.append(f"  fused at {res[group]['fused_roofline_fraction']:.0%} of the mm roofline")
+    lines.append(f"{'target':58s} {'measured':>9s}  {'wanted':>8s}  met")
+    for name, v, want, met in check(res):
+        lines.append(f"{name:58s} {v:9.3f}  {want:>8s}  {'yes' if met else 'NO'}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--json", default="results/bench_ops.json")
+    args = p.parse_args(argv)
+    res = measure(args.device, args.rounds)
+    res["build_info"] = manifold_ext.build_info()
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(res, f, indent=2)
+    print(table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
