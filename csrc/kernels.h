@@ -36,6 +36,10 @@ struct Kernels {
   // The same per-row quantities from materialised logits (B, N, C), contiguous.
   void (*ce_rows)(const at::Tensor& logits, const at::Tensor& target, at::Tensor& lse,
                   at::Tensor& loss, at::Tensor& correct);
+
+  // y[b] = sum_k coeffs[b,k] * z[k]: the points of a shared-input layer from its K vertex
+  // outputs. coeffs (B, K) and z (K, M) opmath, contiguous; y (B, M) x's dtype, contiguous.
+  void (*mix)(const at::Tensor& coeffs, const at::Tensor& z, at::Tensor& y);
 };
 
 // Every size (B, N, R, J, K, C) the public ops hand to these is at least 1.

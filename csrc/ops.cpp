@@ -45,9 +45,11 @@ Tensor mix_bias(const Interp& p, const OptTensor& bias) {
   return at::mm(p.c, bias->to(p.op_t)).contiguous();  // (B, out)
 }
 
-// The K vertex outputs x @ W_k^T of a shared input, laid out (K, N * out) for mixing.
-Tensor vertex_outputs(const Interp& p) {
-  auto z = at::mm(p.x, p.w.view({p.K * p.J, p.R}).t());
+// The K vertex outputs x @ W_k^T (+ bias_k) of a shared input, laid out (K, N * out) for mixing.
+Tensor vertex_outputs(const Interp& p, const OptTensor& bias = c10::nullopt) {
+  Tensor z = (bias.has_value() && bias->defined())
+                 ? at::addmm(bias->reshape({p.K * p.J}), p.x, p.w.view({p.K * p.J, p.R}).t())
+                 : at::mm(p.x, p.w.view({p.K * p.J, p.R}).t());
   return z.view({p.N, p.K, p.J}).permute({1, 0, 2}).reshape({p.K, p.N * p.J}).to(p.op_t);
 }
 
@@ -67,10 +69,10 @@ Tensor interp_linear(const Tensor& x, const Tensor& weight, const OptTensor& bia
     y = at::zeros({p.B, p.N, p.J}, x.options());
     if (bias_mix.defined()) y.add_(bias_mix.unsqueeze(1).to(x.scalar_type()));
   } else if (p.shared) {
-    // Exact for a linear layer: K products instead of B.
-    y = at::mm(p.c, vertex_outputs(p)).view({p.B, p.N, p.J});
-    if (bias_mix.defined()) y.add_(bias_mix.unsqueeze(1));
-    y = y.to(x.scalar_type());
+    // Exact for a linear layer: K products instead of B, and sum_k c[b,k] bias_k = bias_b.
+    y = at::empty({p.B, p.N, p.J}, x.options());
+    Tensor y2 = y.view({p.B, p.N * p.J});
+    kernels_for(x).mix(p.c, vertex_outputs(p, bias), y2);
   } else {
     y = at::empty({p.B, p.N, p.J}, x.options());
     kernels_for(x).interp_mm(p.x, p.w, p.c, bias_mix, /*transpose=*/false, y);
