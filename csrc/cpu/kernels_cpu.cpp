@@ -25,10 +25,12 @@ constexpr int64_t kScratchBytes = int64_t(1) << 21;
 // take whole points instead (measured: at 512x512, N=16 runs 3x faster that way, N=256 5% slower).
 constexpr double kSerialFlops = double(1 << 26);
 
-// Outputs are fresh allocations that the kernel writes first. For large ones, first-touch page
-// faults cost as much as the arithmetic (measured: 9 ms of 19 for the 33 MB output of a 64-point
-// shared-input 512x512 layer); asking for transparent huge pages removes most of them. A hint only:
-// without THP, or off Linux, nothing changes.
+// The shared-input output is a fresh allocation that mix_cpu writes first, and its first-touch
+// page faults cost more than the arithmetic (measured: 9 ms of 19 for the 33 MB output of a
+// 64-point shared-input 512x512 layer); transparent huge pages remove most of them (19 -> 7 ms).
+// A hint only: without THP, or off Linux, nothing changes. Not used for interp_mm, where the same
+// hint made the 64-point 512x512 layer faster on average but now and then 1.5x slower (the
+// kernel's synchronous compaction for madvised ranges, presumably).
 void advise_huge_pages(const Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(1) << 21;
@@ -98,7 +100,6 @@ void interp_mm_cpu(const Tensor& x, const Tensor& weight, const Tensor& coeffs,
                    const Tensor& bias_mix, bool transpose, Tensor& y) {
   const int64_t B = x.size(0), N = x.size(1), R = x.size(2), J = y.size(2), K = weight.size(0);
   const double flops = 2.0 * N * R * J;
-  advise_huge_pages(y);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "interp_mm_cpu", [&] {
     const scalar_t* w = weight.const_data_ptr<scalar_t>();
     const int64_t vs = weight.stride(0);
