@@ -96,9 +96,52 @@ void combine(const scalar_t* src, int64_t K, int64_t vstride, int64_t rstride, i
   });
 }
 
+// Few examples per point: building each point's weights costs more than the product itself, so
+// instead one large product gives every vertex's output for every point, Z = x @ [A_1 .. A_K]
+// (K times the arithmetic, no per-point work), and each point mixes its K outputs.
+// (B=64, 512x512, K=2: 2.1x faster at N=16; the per-point route wins from about N=64 on.)
+bool vertex_route_pays(const Tensor& x, int64_t N, int64_t K) {
+  return x.is_contiguous() && (K == 1 || N * (K - 1) < 12 * (K + 1));
+}
+
+void interp_mm_by_vertex(const Tensor& x, const Tensor& weight, const Tensor& coeffs,
+                         const Tensor& bias_mix, bool transpose, Tensor& y) {
+  const int64_t B = x.size(0), N = x.size(1), R = x.size(2), J = y.size(2), K = weight.size(0);
+  // (R, K*J): the K matrices A_k side by side.
+  const Tensor A = transpose ? weight.permute({1, 0, 2}).reshape({R, K * J})
+                             : weight.reshape({K * J, R}).t();
+  const int64_t budget = (int64_t(64) << 20) / x.element_size();
+  const int64_t step = std::max<int64_t>(1, budget / std::max<int64_t>(1, N * K * J));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "interp_mm_by_vertex", [&] {
+    const scalar_t* c = coeffs.const_data_ptr<scalar_t>();
+    const scalar_t* bias = bias_mix.defined() ? bias_mix.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    for (int64_t b0 = 0; b0 < B; b0 += step) {
+      const int64_t bc = std::min(step, B - b0);
+      const Tensor Z = at::mm(x.narrow(0, b0, bc).reshape({bc * N, R}), A);  // (bc*N, K*J)
+      const scalar_t* zp = Z.const_data_ptr<scalar_t>();
+      at::parallel_for(0, bc * N, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, J)),
+                       [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t b = b0 + r / N;
+          scalar_t* out = yp + (b0 * N + r) * J;
+          combine_row(zp + r * K * J, K, J, J, c + b * K, out);
+          if (bias != nullptr) {
+            for (int64_t j = 0; j < J; ++j) out[j] += bias[b * J + j];
+          }
+        }
+      });
+    }
+  });
+}
+
 void interp_mm_cpu(const Tensor& x, const Tensor& weight, const Tensor& coeffs,
                    const Tensor& bias_mix, bool transpose, Tensor& y) {
   const int64_t B = x.size(0), N = x.size(1), R = x.size(2), J = y.size(2), K = weight.size(0);
+  if (vertex_route_pays(x, N, K)) {
+    interp_mm_by_vertex(x, weight, coeffs, bias_mix, transpose, y);
+    return;
+  }
   const double flops = 2.0 * N * R * J;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "interp_mm_cpu", [&] {
     const scalar_t* w = weight.const_data_ptr<scalar_t>();

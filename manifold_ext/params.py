@@ -1,0 +1,165 @@
+"""Parameter space: states of one architecture as dicts of tensors, and geometry on them.
+
+A *state* is a dict ``name -> tensor`` holding a model's parameters and buffers (what
+``state_of`` returns for a module or a state dict). K vertices of one architecture stack into
+``(K, *shape)`` tensors; points are affine combinations ``sum_k c[k] * vertex_k``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+State = Dict[str, Tensor]
+Vertex = Union[nn.Module, Mapping[str, Tensor]]
+
+
+def state_of(vertex: Vertex) -> State:
+    """Parameters and buffers of a module (or a state dict's tensors), detached, in module order."""
+    if isinstance(vertex, nn.Module):
+        out = {n: p.detach() for n, p in vertex.named_parameters()}
+        out.update({n: b.detach() for n, b in vertex.named_buffers()})
+        return out
+    if isinstance(vertex, Mapping):
+        return {n: t.detach() for n, t in vertex.items() if isinstance(t, Tensor)}
+    raise TypeError(f"expected a vertex to be an nn.Module or a state dict, got {type(vertex).__name__}")
+
+
+def check_same_architecture(states: Sequence[State]) -> None:
+    """Raise ValueError naming the first parameter on which the states disagree (name, shape or
+    dtype), with both values."""
+    if len(states) == 0:
+        raise ValueError("expected at least one vertex, got none")
+    ref = states[0]
+    for k, st in enumerate(states[1:], start=1):
+        for name in ref:
+            if name not in st:
+                raise ValueError(f"vertex {k} has no parameter {name!r} (vertex 0 has it, shape {tuple(ref[name].shape)})")
+        for name in st:
+            if name not in ref:
+                raise ValueError(f"vertex {k} has a parameter {name!r} that vertex 0 lacks (shape {tuple(st[name].shape)})")
+        for name, t in ref.items():
+            u = st[name]
+            if u.shape != t.shape:
+                raise ValueError(f"parameter {name!r} has shape {tuple(u.shape)} in vertex {k} but {tuple(t.shape)} in vertex 0")
+            if u.dtype != t.dtype:
+                raise ValueError(f"parameter {name!r} has dtype {u.dtype} in vertex {k} but {t.dtype} in vertex 0")
+
+
+def stack(vertices: Sequence[Vertex]) -> State:
+    """K vertices of one architecture as ``name -> (K, *shape)`` tensors (checked first)."""
+    states = [state_of(v) for v in vertices]
+    check_same_architecture(states)
+    return {n: torch.stack([st[n] for st in states]) for n in states[0]}
+
+
+def combine(stacked: State, coeffs: Tensor) -> State:
+    """The point ``sum_k coeffs[k] * vertex_k`` for coeffs of shape (K,). Integer buffers (e.g.
+    BatchNorm's batch counter) are taken from the first vertex."""
+    out = {}
+    for n, t in stacked.items():
+        if t.is_floating_point():
+            out[n] = torch.tensordot(coeffs.to(t.dtype), t, dims=1)
+        else:
+            out[n] = t[0]
+    return out
+
+
+def flatten(state: State, names: Optional[Iterable[str]] = None) -> Tensor:
+    """One vector of the floating-point tensors of ``state`` (all, or ``names``), in order."""
+    names = [n for n in (names if names is not None else state) if state[n].is_floating_point()]
+    if not names:
+        raise ValueError("expected at least one floating-point tensor to flatten, got none")
+    return torch.cat([state[n].reshape(-1) for n in names])
+
+
+def unflatten(vector: Tensor, like: State, names: Optional[Iterable[str]] = None) -> State:
+    """Inverse of :func:`flatten`: tensors shaped like ``like``'s (all floating ones, or ``names``)."""
+    names = [n for n in (names if names is not None else like) if like[n].is_floating_point()]
+    sizes = [like[n].numel() for n in names]
+    if vector.dim() != 1 or vector.numel() != sum(sizes):
+        raise ValueError(f"expected vector of shape ({sum(sizes)},), got {tuple(vector.shape)}")
+    return {n: chunk.view_as(like[n]) for n, chunk in zip(names, vector.split(sizes))}
+
+
+def parameter_names(model: nn.Module) -> list:
+    """Names of the trainable parameters (directions move these; buffers stay)."""
+    return [n for n, _ in model.named_parameters()]
+
+
+def random_direction(
+    center: State,
+    *,
+    names: Optional[Iterable[str]] = None,
+    kind: str = "filter",
+    ignore: str = "biasbn",
+    generator: Optional[torch.Generator] = None,
+) -> State:
+    """A random direction at ``center``, as in Li et al. 2018 ("Visualizing the loss landscape").
+
+    Args:
+        center: the state the direction starts from.
+        names: the tensors to move (default: every floating tensor; pass
+            :func:`parameter_names` to leave buffers alone). Others get zero.
+        kind: ``"gaussian"`` (i.i.d. N(0, 1)) or ``"filter"`` (each filter, i.e. each slice along
+            dim 0, rescaled to the norm of the same filter of ``center``).
+        ignore: ``"biasbn"`` zeroes 1-D tensors (biases, normalisation parameters), as Li et al.
+            do; ``"none"`` keeps them (filter-normalised as a whole when kind is "filter").
+        generator: for determinism (drawn on the CPU, then moved).
+    """
+    if kind not in ("gaussian", "filter"):
+        raise ValueError(f"kind must be 'gaussian' or 'filter', got {kind!r}")
+    if ignore not in ("biasbn", "none"):
+        raise ValueError(f"ignore must be 'biasbn' or 'none', got {ignore!r}")
+    move = set(names) if names is not None else {n for n, t in center.items() if t.is_floating_point()}
+    out = {}
+    for n, w in center.items():
+        if n not in move or not w.is_floating_point() or (ignore == "biasbn" and w.dim() <= 1):
+            out[n] = torch.zeros_like(w)
+            continue
+        d = torch.randn(w.shape, generator=generator, dtype=torch.float64).to(w.device)
+        if kind == "filter":
+            wf = w.double().reshape(w.shape[0], -1) if w.dim() > 1 else w.double().reshape(1, -1)
+            df = d.reshape(wf.shape)
+            df = df * (wf.norm(dim=1, keepdim=True) / df.norm(dim=1, keepdim=True).clamp_min(1e-12))
+            d = df.reshape(w.shape)
+        out[n] = d.to(w.dtype)
+    return out
+
+
+def distance(a: State, b: State, *, names: Optional[Iterable[str]] = None,
+             scale: Optional[State] = None) -> float:
+    """Euclidean distance between two states (float64), over ``names`` (default: all floating
+    tensors). With ``scale``, each tensor's difference is divided by the norm of ``scale``'s same
+    tensor (layer-normalised units, so models of different widths can be compared)."""
+    names = [n for n in (names if names is not None else a) if a[n].is_floating_point()]
+    total = 0.0
+    for n in names:
+        diff = (a[n].double() - b[n].double()).pow(2).sum().item()
+        if scale is not None:
+            diff /= max(scale[n].double().pow(2).sum().item(), 1e-300)
+        total += diff
+    return math.sqrt(total)
+
+
+def gram(vertices: Sequence[State], *, names: Optional[Iterable[str]] = None) -> Tensor:
+    """Gram matrix ``E E^T`` (float64, k x k) of the edge vectors ``E[i] = v[i+1] - v[0]``."""
+    if len(vertices) < 2:
+        raise ValueError(f"expected at least 2 vertices for a simplex, got {len(vertices)}")
+    v0 = flatten(vertices[0], names).double()
+    E = torch.stack([flatten(v, names).double() - v0 for v in vertices[1:]])
+    return E @ E.T
+
+
+def simplex_log_volume(vertices: Sequence[State], *, names: Optional[Iterable[str]] = None) -> float:
+    """log of the k-volume of the simplex with these k+1 vertices:
+    ``0.5 * logdet(E E^T) - log(k!)``, computed in float64 (``-inf`` when degenerate)."""
+    G = gram(vertices, names=names)
+    k = G.shape[0]
+    sign, logdet = torch.linalg.slogdet(G)
+    if sign.item() <= 0:
+        return -math.inf
+    return 0.5 * logdet.item() - math.lgamma(k + 1)
