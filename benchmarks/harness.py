@@ -40,5 +40,5 @@ def matmul_ceiling(device: str = "cpu", n: int = 2048, dtype=torch.float32) -> f
     """FLOP/s of a large square torch.mm on this machine, now: the compute roofline."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    t = time_interleaved({"mm": lambda: torch.mm(a, b)}, rounds=5, device=device)["mm"]
+    t = time_interleaved({"mm": lambda: torch.mm(a, b)}, rounds=9, warmup=3, device=device)["mm"]
     return 2.0 * n**3 / t

@@ -11,7 +11,8 @@ from _inputs import interp_inputs
 from conftest import DEVICE_DTYPES, DEVICES, tol
 
 # (B, N, in, out, K): odd sizes that are multiples of no tile, K = 1, B = 1, N = 1, N = 0, B = 0,
-# and one layer large enough that the CPU kernel splits the outputs into several chunks.
+# and layers large enough that the CPU kernel splits the outputs into several chunks, with few
+# examples per point (one product of all vertices, then a mix) and with many (weights per point).
 SHAPES = [
     (5, 7, 13, 11, 3),
     (1, 9, 17, 5, 1),
@@ -20,6 +21,7 @@ SHAPES = [
     (0, 5, 6, 4, 2),
     (2, 3, 1031, 700, 2),
     (3, 67, 65, 129, 4),
+    (3, 40, 1031, 700, 2),
 ]
 
 
@@ -70,11 +72,13 @@ def test_gradcheck_float64(device, layout, bias, shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_gradients_match_reference_float32(device):
-    args = interp_inputs(4, 9, 300, 70, 3, device=device, dtype=torch.float32, contiguous=False)
+@pytest.mark.parametrize("shape", [(4, 9, 300, 70, 3), (3, 40, 1031, 700, 2)], ids=str)
+def test_gradients_match_reference_float32(device, shape):
+    B, N, I, O, K = shape
+    args = interp_inputs(B, N, I, O, K, device=device, dtype=torch.float32, contiguous=False)
     a1 = [t.detach().requires_grad_() for t in args]
     a2 = [t.detach().double().requires_grad_() for t in args]
-    g = torch.randn(4, 9, 70, device=device)
+    g = torch.randn(B, N, O, device=device)
     torch.autograd.backward(mx.interp_linear(*a1), g)
     torch.autograd.backward(ref.interp_linear(*a2), g.double())
     for p, q in zip(a1, a2):
