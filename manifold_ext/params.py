@@ -35,18 +35,17 @@ def check_same_architecture(states: Sequence[State]) -> None:
         raise ValueError("expected at least one vertex, got none")
     ref = states[0]
     for k, st in enumerate(states[1:], start=1):
-        for name in ref:
+        for name, t in ref.items():  # in module order, so the first difference is named
             if name not in st:
-                raise ValueError(f"vertex {k} has no parameter {name!r} (vertex 0 has it, shape {tuple(ref[name].shape)})")
-        for name in st:
-            if name not in ref:
-                raise ValueError(f"vertex {k} has a parameter {name!r} that vertex 0 lacks (shape {tuple(st[name].shape)})")
-        for name, t in ref.items():
+                raise ValueError(f"vertex {k} has no parameter {name!r} (vertex 0 has it, shape {tuple(t.shape)})")
             u = st[name]
             if u.shape != t.shape:
                 raise ValueError(f"parameter {name!r} has shape {tuple(u.shape)} in vertex {k} but {tuple(t.shape)} in vertex 0")
             if u.dtype != t.dtype:
                 raise ValueError(f"parameter {name!r} has dtype {u.dtype} in vertex {k} but {t.dtype} in vertex 0")
+        for name in st:
+            if name not in ref:
+                raise ValueError(f"vertex {k} has a parameter {name!r} that vertex 0 lacks (shape {tuple(st[name].shape)})")
 
 
 def stack(vertices: Sequence[Vertex]) -> State:

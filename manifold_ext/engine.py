@@ -1,0 +1,340 @@
+"""Evaluate a model at B interpolated parameter points in one batched pass.
+
+Point b has parameters ``theta_b = sum_k coeffs[b, k] * theta_k`` for K vertices of one
+architecture. The fused engine runs the model once under ``torch.func.vmap`` over the points:
+``nn.Linear`` layers go through :func:`manifold_ext.interp_linear` (K weight copies, never B; the
+first layer in its shared-input form), a final ``nn.Linear`` of an ``nn.Sequential`` and the
+cross-entropy through :func:`manifold_ext.interp_linear_cross_entropy`, and every other parameter
+(convolutions, normalisation, embeddings) is materialised for one chunk of points at a time
+(convolutions then run as grouped convolutions). ``engine="loop"`` evaluates one point at a time by
+loading its state dict: the reference, and the fallback for models that cannot run under vmap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from . import params as P
+from .ops import batched_cross_entropy, interp_linear, interp_linear_cross_entropy
+
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+@dataclass
+class Evaluation:
+    """Per-point results of :func:`evaluate`: mean loss and accuracy over the data, shape (B,)."""
+
+    loss: Tensor
+    accuracy: Tensor
+    n_examples: int
+    seconds: float
+
+
+def _check_coeffs(coeffs: Tensor, K: int) -> Tensor:
+    if not isinstance(coeffs, Tensor) or coeffs.dim() != 2 or coeffs.shape[1] != K:
+        shape = tuple(coeffs.shape) if isinstance(coeffs, Tensor) else type(coeffs).__name__
+        raise ValueError(f"expected coeffs of shape (B, K) with K = {K} (the number of vertices), got {shape}")
+    if not coeffs.is_floating_point():
+        raise ValueError(f"expected floating-point coeffs, got {coeffs.dtype}")
+    return coeffs
+
+
+def _check_data(data) -> Tuple[Tensor, Tensor]:
+    try:
+        x, y = data
+    except (TypeError, ValueError):
+        raise ValueError("expected data to be a pair (inputs, targets) of tensors") from None
+    if len(x) == 0:
+        raise ValueError(f"data is empty: expected at least one example, got inputs of shape {tuple(x.shape)}")
+    if len(x) != len(y):
+        raise ValueError(f"inputs and targets disagree on the number of examples: {len(x)} vs {len(y)}")
+    return x, y
+
+
+def _non_finite(stacked: P.State, coeffs: Tensor) -> Tensor:
+    """Mark the points that put non-zero weight on a vertex holding NaN or Inf (and warn, naming
+    the parameter); such vertices are zeroed in ``stacked`` so that other points are unaffected."""
+    bad = torch.zeros(coeffs.shape[0], dtype=torch.bool, device=coeffs.device)
+    for name, t in stacked.items():
+        if not t.is_floating_point():
+            continue
+        finite = torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
+        for k in (~finite).nonzero().flatten().tolist():
+            warnings.warn(f"vertex {k} has non-finite values in parameter {name!r}: points that "
+                          f"use it get a NaN loss", RuntimeWarning, stacklevel=3)
+            bad |= coeffs[:, k] != 0
+            t[k] = torch.where(torch.isfinite(t[k]), t[k], torch.zeros_like(t[k]))
+    return bad
+
+
+# ----------------------------------------------------------------------------- fused engine
+
+
+@contextlib.contextmanager
+def _patched(modules: Dict[nn.Module, Callable]):
+    """Temporarily replace the forward of some module instances."""
+    try:
+        for m, fwd in modules.items():
+            m.forward = fwd
+        yield
+    finally:
+        for m in modules:
+            del m.forward
+
+
+def _linear_forward(W: Tensor, b: Optional[Tensor], coeffs_ref: List[Tensor]):
+    def forward(inp: Tensor) -> Tensor:
+        flat = inp.reshape(-1, inp.shape[-1])
+        out = interp_linear(flat, W, b, coeffs_ref[0])
+        return out.reshape(*inp.shape[:-1], W.shape[1])
+    return forward
+
+
+def _bn_forward(module: _BN, mode_ref: List[str], collected: List[Tensor]):
+    def forward(inp: Tensor) -> Tensor:
+        dims = [0] + list(range(2, inp.dim()))
+        if mode_ref[0] == "collect":  # train-mode normalisation, as torch.optim.swa_utils.update_bn
+            mean = inp.mean(dims)
+            var = inp.var(dims, unbiased=False)
+            n = inp.numel() // inp.shape[1]
+            collected.extend([mean, var * n / max(n - 1, 1)])
+        else:
+            mean, var = module.running_mean, module.running_var
+        shape = [1, -1] + [1] * (inp.dim() - 2)
+        out = (inp - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + module.eps)
+        if module.affine:
+            out = out * module.weight.reshape(shape) + module.bias.reshape(shape)
+        return out
+    return forward
+
+
+class _Fused:
+    """The model prepared once for fused evaluation: which modules are interpolated how."""
+
+    def __init__(self, model: nn.Module, stacked: P.State, loss: str):
+        self.model = model
+        self.stacked = stacked
+        self.coeffs_ref: List[Tensor] = [torch.empty(0)]
+        self.mode_ref = ["apply"]
+        self.collected: List[Tensor] = []
+        self.linear_names = set()
+        patches = {}
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Linear):
+                pre = f"{name}." if name else ""
+                W, b = stacked[pre + "weight"], stacked.get(pre + "bias")
+                patches[m] = _linear_forward(W, b, self.coeffs_ref)
+                self.linear_names.update({pre + "weight", pre + "bias"})
+            elif isinstance(m, _BN):
+                if not m.track_running_stats:
+                    raise ValueError(f"BatchNorm {name!r} keeps no running statistics; not supported")
+                patches[m] = _bn_forward(m, self.mode_ref, self.collected)
+        self.patches = patches
+        self.bn_names = [n for n, m in model.named_modules() if isinstance(m, _BN)]
+        self.head = None
+        if loss == "cross_entropy" and isinstance(model, nn.Sequential) and len(model) > 0 \
+                and isinstance(model[-1], nn.Linear):
+            self.head = str(len(model) - 1)
+        self.body = model[:-1] if self.head is not None else model
+
+    def materialise(self, coeffs: Tensor) -> P.State:
+        """Per-point values (B, ...) of everything that is not a Linear layer's weight or bias."""
+        out = {}
+        for n, t in self.stacked.items():
+            if n in self.linear_names:
+                continue
+            if t.is_floating_point():
+                out[n] = torch.einsum("bk,k...->b...", coeffs.to(t.dtype), t)
+            else:
+                out[n] = t[0].expand(coeffs.shape[0], *t.shape[1:])
+        return out
+
+    def run(self, coeffs: Tensor, mat: P.State, x: Tensor, y: Tensor, mode: str):
+        """One vmapped pass over the points of a chunk: (loss_sum, correct) or BN statistics."""
+        self.mode_ref[0] = mode
+
+        def one_point(c, p):
+            self.coeffs_ref[0] = c
+            self.collected.clear()
+            h = functional_call(self.body, p, (x,), strict=False)
+            if mode == "collect":
+                return tuple(self.collected)
+            if self.head is not None:
+                W = self.stacked[f"{self.head}.weight"]
+                b = self.stacked.get(f"{self.head}.bias")
+                return interp_linear_cross_entropy(h.reshape(-1, h.shape[-1]), W, b, c, y.reshape(-1))
+            return batched_cross_entropy(h.reshape(-1, h.shape[-1]), y.reshape(-1))
+
+        try:
+            with _patched(self.patches):
+                return vmap(one_point)(coeffs, mat)
+        except Exception as err:  # noqa: BLE001 - rethrown with the fallback named
+            raise RuntimeError(
+                f"the fused engine could not evaluate {type(self.model).__name__} under "
+                f"torch.func.vmap ({type(err).__name__}: {err}); use evaluate(..., "
+                "engine='loop'), which runs any model one point at a time") from err
+
+
+def _chunks(n: int, size: Optional[int]):
+    size = n if not size else size
+    return [(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+def _points_per_chunk(fused: _Fused, x: Tensor, n_examples: int, max_memory: int) -> int:
+    """Points whose materialised parameters and activations fit in max_memory bytes."""
+    per_point = sum(t[0].numel() * t.element_size() for n, t in fused.stacked.items()
+                    if n not in fused.linear_names)
+    acts = []
+    hooks = [m.register_forward_hook(lambda m, i, o: acts.append(o.numel() * o.element_size())
+                                     if isinstance(o, Tensor) else None)
+             for m in fused.model.modules() if len(list(m.children())) == 0]
+    was_training = fused.model.training
+    try:
+        fused.model.eval()  # no running-statistics updates on the caller's model
+        with torch.no_grad():
+            probe = x[: min(len(x), 8)]
+            fused.model(probe)
+    finally:
+        fused.model.train(was_training)
+        for h in hooks:
+            h.remove()
+    per_point += 2 * sum(acts) * n_examples // max(1, len(probe))
+    return max(1, int(max_memory // max(1, per_point)))
+
+
+def _evaluate_fused(model, stacked, coeffs, x, y, *, bn, batch_size, max_memory, points_per_chunk):
+    fused = _Fused(model, stacked, "cross_entropy")
+    B = coeffs.shape[0]
+    n_ex = len(x)
+    ex_chunks = _chunks(n_ex, batch_size)
+    if points_per_chunk is None:
+        points_per_chunk = _points_per_chunk(fused, x, ex_chunks[0][1] - ex_chunks[0][0], max_memory)
+    loss_sum = torch.zeros(B, dtype=torch.float64, device=coeffs.device)
+    correct = torch.zeros(B, dtype=torch.int64, device=coeffs.device)
+    was_training = model.training
+    model.eval()
+    try:
+        for p0, p1 in _chunks(B, points_per_chunk):
+            c = coeffs[p0:p1]
+            mat = fused.materialise(c)
+            if bn == "recompute" and fused.bn_names:
+                # Statistics of the evaluation data, per point, as update_bn computes them:
+                # each chunk normalised by its own statistics, running stats their plain average.
+                sums = None
+                for e0, e1 in ex_chunks:
+                    stats = fused.run(c, mat, x[e0:e1], y[e0:e1], "collect")
+                    sums = list(stats) if sums is None else [s + t for s, t in zip(sums, stats)]
+                for i, name in enumerate(fused.bn_names):
+                    pre = f"{name}." if name else ""
+                    mat[pre + "running_mean"] = sums[2 * i] / len(ex_chunks)
+                    mat[pre + "running_var"] = sums[2 * i + 1] / len(ex_chunks)
+            for e0, e1 in ex_chunks:
+                ls, cor = fused.run(c, mat, x[e0:e1], y[e0:e1], "apply")
+                loss_sum[p0:p1] += ls.double()
+                correct[p0:p1] += cor
+    finally:
+        model.train(was_training)
+    return loss_sum, correct
+
+
+# ----------------------------------------------------------------------------- loop engine
+
+
+def _evaluate_loop(model, stacked, coeffs, x, y, *, bn, batch_size):
+    m = copy.deepcopy(model)
+    keys = set(m.state_dict().keys())
+    has_bn = any(isinstance(mod, _BN) for mod in m.modules())
+    B = coeffs.shape[0]
+    loss_sum = torch.zeros(B, dtype=torch.float64, device=coeffs.device)
+    correct = torch.zeros(B, dtype=torch.int64, device=coeffs.device)
+    chunks = _chunks(len(x), batch_size)
+    for b in range(B):
+        state = P.combine(stacked, coeffs[b])
+        m.load_state_dict({k: v for k, v in state.items() if k in keys})
+        if bn == "recompute" and has_bn:
+            torch.optim.swa_utils.update_bn([x[e0:e1] for e0, e1 in chunks], m)
+        m.eval()
+        with torch.no_grad():
+            for e0, e1 in chunks:
+                logits = m(x[e0:e1])
+                logits = logits.reshape(-1, logits.shape[-1])
+                t = y[e0:e1].reshape(-1)
+                loss_sum[b] += F.cross_entropy(logits.double(), t, reduction="sum")
+                correct[b] += (logits.argmax(-1) == t).sum()
+    return loss_sum, correct
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def evaluate(
+    model: nn.Module,
+    vertices: Sequence[P.Vertex],
+    coeffs: Tensor,
+    data: Tuple[Tensor, Tensor],
+    *,
+    loss: str = "cross_entropy",
+    bn: str = "recompute",
+    engine: str = "fused",
+    batch_size: Optional[int] = None,
+    max_memory: int = 1 << 30,
+    points_per_chunk: Optional[int] = None,
+) -> Evaluation:
+    """Mean loss and accuracy of ``model`` at every point ``sum_k coeffs[b, k] * vertices[k]``.
+
+    Args:
+        model: the architecture (its own parameters are not used); any module that runs under
+            ``torch.func.functional_call`` and ``vmap`` for ``engine="fused"``, any at all for
+            ``engine="loop"``. It must map inputs (N, ...) to logits (N, classes).
+        vertices: K modules or state dicts of that architecture (a mismatch is a ValueError
+            naming the first offending parameter).
+        coeffs: (B, K) coefficients; values outside [0, 1] extrapolate.
+        data: (inputs, targets), evaluated in chunks of ``batch_size`` examples (default all).
+        loss: ``"cross_entropy"`` (summed over examples, reported as a mean).
+        bn: ``"recompute"`` (default): BatchNorm statistics of every point recomputed from the
+            data, as ``torch.optim.swa_utils.update_bn`` does; ``"interpolate"``: the vertices'
+            running statistics mixed like every other buffer.
+        engine: ``"fused"`` (one vmapped pass over the points) or ``"loop"``.
+        max_memory: bytes the fused engine may use for per-point parameters and activations;
+            points are processed in chunks under it. Results do not depend on the chunking.
+        points_per_chunk: overrides the chunk size derived from ``max_memory``.
+
+    Returns:
+        :class:`Evaluation` with ``loss`` and ``accuracy`` of shape (B,). A point that puts
+        non-zero weight on a vertex holding NaN or Inf gets NaN (with a warning naming the
+        parameter); the other points are unaffected.
+    """
+    if loss != "cross_entropy":
+        raise ValueError(f"loss must be 'cross_entropy', got {loss!r}")
+    if bn not in ("recompute", "interpolate"):
+        raise ValueError(f"bn must be 'recompute' or 'interpolate', got {bn!r}")
+    if engine not in ("fused", "loop"):
+        raise ValueError(f"engine must be 'fused' or 'loop', got {engine!r}")
+    start = time.perf_counter()
+    stacked = P.stack(vertices)
+    coeffs = _check_coeffs(coeffs, next(iter(stacked.values())).shape[0])
+    x, y = _check_data(data)
+    stacked = {n: t.clone() for n, t in stacked.items()}
+    bad = _non_finite(stacked, coeffs)
+    if engine == "fused":
+        loss_sum, correct = _evaluate_fused(model, stacked, coeffs, x, y, bn=bn, batch_size=batch_size,
+                                            max_memory=max_memory, points_per_chunk=points_per_chunk)
+    else:
+        loss_sum, correct = _evaluate_loop(model, stacked, coeffs, x, y, bn=bn, batch_size=batch_size)
+    n_rows = y.numel()
+    mean = loss_sum / n_rows
+    acc = correct.double() / n_rows
+    mean[bad] = float("nan")
+    acc[bad] = float("nan")
+    return Evaluation(loss=mean, accuracy=acc, n_examples=len(x),
+                      seconds=time.perf_counter() - start)

@@ -1,0 +1,142 @@
+"""The engine's main test: every point equals loading its state dict and evaluating it alone."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from manifold_ext import engine
+from manifold_ext.data import load_digits
+
+from _models import TinyTransformer, cnn, mlp, randomise_bn
+
+DIGITS = load_digits()
+
+
+def _coeffs(B, K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(B, K, generator=g) * 1.6 - 0.3  # inside and outside the simplex
+
+
+def _digits(n, image=False):
+    x, y = DIGITS.x_test[:n], DIGITS.y_test[:n]
+    return (x.reshape(-1, 1, 8, 8) if image else x), y
+
+
+def _tokens(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 13, (n, 6), generator=g)
+    return x, (x.sum(1) % 5)
+
+
+CASES = {
+    "mlp": (lambda s: mlp(s), lambda: _digits(97)),
+    "cnn_bn": (lambda s: randomise_bn(cnn(s), s), lambda: _digits(97, image=True)),
+    "transformer": (lambda s: TinyTransformer(seed=s), lambda: _tokens(41)),
+}
+
+
+def _close(a, b):
+    # equal_nan: mixing running variances with negative coefficients can make them negative, and
+    # both engines then agree on NaN.
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(a.accuracy, b.accuracy, rtol=0, atol=1e-9, equal_nan=True)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("bn", ["recompute", "interpolate"])
+@pytest.mark.parametrize("K", [1, 3])
+def test_fused_equals_loop(case, bn, K):
+    make, data = CASES[case]
+    vertices = [make(s) for s in range(K)]
+    coeffs = _coeffs(7, K)
+    d = data()
+    fused = engine.evaluate(vertices[0], vertices, coeffs, d, bn=bn)
+    loop = engine.evaluate(vertices[0], vertices, coeffs, d, bn=bn, engine="loop")
+    _close(fused, loop)
+    assert fused.loss.shape == (7,)
+    assert torch.isfinite(fused.loss).sum() >= 5
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_chunking_does_not_change_results(case):
+    make, data = CASES[case]
+    vertices = [make(s) for s in range(2)]
+    coeffs = _coeffs(9, 2)
+    d = data()
+    whole = engine.evaluate(vertices[0], vertices, coeffs, d)
+    chunked = engine.evaluate(vertices[0], vertices, coeffs, d, points_per_chunk=2, batch_size=16)
+    loop = engine.evaluate(vertices[0], vertices, coeffs, d, engine="loop", batch_size=16)
+    _close(chunked, loop)
+    if case != "cnn_bn":  # with BatchNorm, batch_size changes the recomputed statistics
+        _close(whole, chunked)
+    tiny = engine.evaluate(vertices[0], vertices, coeffs, d, max_memory=1)
+    _close(tiny, whole)
+
+
+def test_vertex_equals_its_model():
+    m = mlp(0)
+    x, y = _digits(50)
+    ev = engine.evaluate(m, [m, mlp(1)], torch.tensor([[1.0, 0.0]]), (x, y))
+    with torch.no_grad():
+        expected = nn.functional.cross_entropy(m(x), y)
+    torch.testing.assert_close(ev.loss[0].float(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_architecture_mismatch_names_parameter():
+    with pytest.raises(ValueError, match=r"parameter '2.weight' has shape \(10, 32\) in vertex 1 but \(24, 32\) in vertex 0"):
+        engine.evaluate(mlp(0), [mlp(0), mlp(1, widths=(64, 32, 10))], _coeffs(2, 2), _digits(5))
+
+
+def test_coeffs_shape_error():
+    with pytest.raises(ValueError, match=r"expected coeffs of shape \(B, K\) with K = 2 \(the number of vertices\), got \(4, 3\)"):
+        engine.evaluate(mlp(0), [mlp(0), mlp(1)], _coeffs(4, 3), _digits(5))
+
+
+def test_empty_data_error():
+    x, y = _digits(5)
+    with pytest.raises(ValueError, match=r"data is empty: expected at least one example, got inputs of shape \(0, 64\)"):
+        engine.evaluate(mlp(0), [mlp(0), mlp(1)], _coeffs(4, 2), (x[:0], y[:0]))
+
+
+def test_non_finite_vertex_only_poisons_its_points():
+    a, b = mlp(0), mlp(1)
+    with torch.no_grad():
+        b[2].weight[3, 4] = float("nan")
+    coeffs = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])
+    with pytest.warns(RuntimeWarning, match=r"vertex 1 has non-finite values in parameter '2.weight'"):
+        ev = engine.evaluate(a, [a, b], coeffs, _digits(30))
+    assert torch.isnan(ev.loss[1:]).all()
+    clean = engine.evaluate(a, [a, a], coeffs[:1], _digits(30))
+    torch.testing.assert_close(ev.loss[:1], clean.loss)
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(64, 10)
+
+    def forward(self, x):
+        h = self.lin(x)
+        if h.max() > 0:  # a Python branch on a computed value: impossible under vmap
+            return h
+        return -h
+
+
+def test_model_that_cannot_vmap_suggests_loop():
+    vertices = [DataDependent(), DataDependent()]
+    with pytest.raises(RuntimeError, match=r"use evaluate\(..., engine='loop'\), which runs any model one point at a time"):
+        engine.evaluate(vertices[0], vertices, _coeffs(3, 2), _digits(5))
+    ev = engine.evaluate(vertices[0], vertices, _coeffs(3, 2), _digits(5), engine="loop")
+    assert torch.isfinite(ev.loss).all()
+
+
+@pytest.mark.parametrize("arg,value,msg", [
+    ("bn", "none", "bn must be 'recompute' or 'interpolate', got 'none'"),
+    ("engine", "jit", "engine must be 'fused' or 'loop', got 'jit'"),
+    ("loss", "mse", "loss must be 'cross_entropy', got 'mse'"),
+])
+def test_option_errors(arg, value, msg):
+    with pytest.raises(ValueError, match=msg):
+        engine.evaluate(mlp(0), [mlp(0)], _coeffs(1, 1), _digits(5), **{arg: value})
