@@ -19,10 +19,13 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+from tqdm.auto import tqdm
 
 from . import params as P
 from .ops import batched_cross_entropy, interp_linear, interp_linear_cross_entropy
@@ -212,7 +215,13 @@ def _points_per_chunk(fused: _Fused, x: Tensor, n_examples: int, max_memory: int
     return max(1, int(max_memory // max(1, per_point)))
 
 
-def _evaluate_fused(model, stacked, coeffs, x, y, *, bn, batch_size, max_memory, points_per_chunk):
+def _progress(total: int, quiet: bool, desc: str):
+    return tqdm(total=total, desc=desc, unit="pt", leave=False,
+                disable=quiet or not sys.stderr.isatty())
+
+
+def _evaluate_fused(model, stacked, coeffs, x, y, *, bn, batch_size, max_memory, points_per_chunk,
+                    quiet):
     fused = _Fused(model, stacked, "cross_entropy")
     B = coeffs.shape[0]
     n_ex = len(x)
@@ -224,6 +233,7 @@ def _evaluate_fused(model, stacked, coeffs, x, y, *, bn, batch_size, max_memory,
     was_training = model.training
     model.eval()
     try:
+        bar = _progress(B, quiet, "points")
         for p0, p1 in _chunks(B, points_per_chunk):
             c = coeffs[p0:p1]
             mat = fused.materialise(c)
@@ -242,6 +252,8 @@ def _evaluate_fused(model, stacked, coeffs, x, y, *, bn, batch_size, max_memory,
                 ls, cor = fused.run(c, mat, x[e0:e1], y[e0:e1], "apply")
                 loss_sum[p0:p1] += ls.double()
                 correct[p0:p1] += cor
+            bar.update(p1 - p0)
+        bar.close()
     finally:
         model.train(was_training)
     return loss_sum, correct
@@ -250,7 +262,7 @@ def _evaluate_fused(model, stacked, coeffs, x, y, *, bn, batch_size, max_memory,
 # ----------------------------------------------------------------------------- loop engine
 
 
-def _evaluate_loop(model, stacked, coeffs, x, y, *, bn, batch_size):
+def _evaluate_loop(model, stacked, coeffs, x, y, *, bn, batch_size, quiet):
     m = copy.deepcopy(model)
     keys = set(m.state_dict().keys())
     has_bn = any(isinstance(mod, _BN) for mod in m.modules())
@@ -258,7 +270,9 @@ def _evaluate_loop(model, stacked, coeffs, x, y, *, bn, batch_size):
     loss_sum = torch.zeros(B, dtype=torch.float64, device=coeffs.device)
     correct = torch.zeros(B, dtype=torch.int64, device=coeffs.device)
     chunks = _chunks(len(x), batch_size)
+    bar = _progress(B, quiet, "points")
     for b in range(B):
+        bar.update()
         state = P.combine(stacked, coeffs[b])
         m.load_state_dict({k: v for k, v in state.items() if k in keys})
         if bn == "recompute" and has_bn:
@@ -289,6 +303,7 @@ def evaluate(
     batch_size: Optional[int] = None,
     max_memory: int = 1 << 30,
     points_per_chunk: Optional[int] = None,
+    quiet: bool = False,
 ) -> Evaluation:
     """Mean loss and accuracy of ``model`` at every point ``sum_k coeffs[b, k] * vertices[k]``.
 
@@ -308,6 +323,7 @@ def evaluate(
         max_memory: bytes the fused engine may use for per-point parameters and activations;
             points are processed in chunks under it. Results do not depend on the chunking.
         points_per_chunk: overrides the chunk size derived from ``max_memory``.
+        quiet: no progress bar (there is none either when stderr is not a terminal).
 
     Returns:
         :class:`Evaluation` with ``loss`` and ``accuracy`` of shape (B,). A point that puts
@@ -328,9 +344,11 @@ def evaluate(
     bad = _non_finite(stacked, coeffs)
     if engine == "fused":
         loss_sum, correct = _evaluate_fused(model, stacked, coeffs, x, y, bn=bn, batch_size=batch_size,
-                                            max_memory=max_memory, points_per_chunk=points_per_chunk)
+                                            max_memory=max_memory, points_per_chunk=points_per_chunk,
+                                            quiet=quiet)
     else:
-        loss_sum, correct = _evaluate_loop(model, stacked, coeffs, x, y, bn=bn, batch_size=batch_size)
+        loss_sum, correct = _evaluate_loop(model, stacked, coeffs, x, y, bn=bn, batch_size=batch_size,
+                                           quiet=quiet)
     n_rows = y.numel()
     mean = loss_sum / n_rows
     acc = correct.double() / n_rows

@@ -144,21 +144,35 @@ def distance(a: State, b: State, *, names: Optional[Iterable[str]] = None,
     return math.sqrt(total)
 
 
-def gram(vertices: Sequence[State], *, names: Optional[Iterable[str]] = None) -> Tensor:
-    """Gram matrix ``E E^T`` (float64, k x k) of the edge vectors ``E[i] = v[i+1] - v[0]``."""
+def _edges(vertices: Sequence[State], names: Optional[Iterable[str]]) -> Tensor:
+    """The (k, P) float64 edge vectors ``E[i] = v[i+1] - v[0]``."""
     if len(vertices) < 2:
         raise ValueError(f"expected at least 2 vertices for a simplex, got {len(vertices)}")
+    names = list(names) if names is not None else None
     v0 = flatten(vertices[0], names).double()
-    E = torch.stack([flatten(v, names).double() - v0 for v in vertices[1:]])
+    return torch.stack([flatten(v, names).double() - v0 for v in vertices[1:]])
+
+
+def gram(vertices: Sequence[State], *, names: Optional[Iterable[str]] = None) -> Tensor:
+    """Gram matrix ``E E^T`` (float64, k x k) of the edge vectors ``E[i] = v[i+1] - v[0]``."""
+    E = _edges(vertices, names)
     return E @ E.T
 
 
 def simplex_log_volume(vertices: Sequence[State], *, names: Optional[Iterable[str]] = None) -> float:
     """log of the k-volume of the simplex with these k+1 vertices:
-    ``0.5 * logdet(E E^T) - log(k!)``, computed in float64 (``-inf`` when degenerate)."""
-    G = gram(vertices, names=names)
-    k = G.shape[0]
-    sign, logdet = torch.linalg.slogdet(G)
-    if sign.item() <= 0:
+    ``0.5 * logdet(E E^T) - log(k!)``, computed in float64 (``-inf`` when degenerate).
+
+    Computed as ``sum log |R_ii|`` from a QR factorisation of ``E^T`` rather than from the Gram
+    matrix, whose forming squares the condition number (slivers lost half their digits, and
+    numerically collinear vertices came out finite). Degenerate: some ``|R_ii|`` at most
+    ``max(P, k) * eps`` times the longest edge (the usual rank tolerance)."""
+    E = _edges(vertices, names)
+    k, P = E.shape
+    if k > P:
         return -math.inf
-    return 0.5 * logdet.item() - math.lgamma(k + 1)
+    d = torch.linalg.qr(E.T, mode="r").R.diagonal().abs()
+    longest = E.norm(dim=1).max().item()
+    if d.min().item() <= max(P, k) * torch.finfo(torch.float64).eps * longest:
+        return -math.inf
+    return d.log().sum().item() - math.lgamma(k + 1)
