@@ -9,9 +9,10 @@ import sys
 
 _CHILD = r"""
 import json, sys, torch
-from benchmarks import cases
+from benchmarks import cases, engine_cases
 case, method, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-methods, _ = getattr(cases, case)(**kwargs, only=method)
+module = engine_cases if hasattr(engine_cases, case) else cases
+methods, _ = getattr(module, case)(**kwargs, only=method)
 fn = methods[method]
 def hwm():
     for line in open("/proc/self/status"):
@@ -30,7 +31,8 @@ print(json.dumps({"peak_extra_bytes": hwm() - before}))
 
 
 def peak_extra_bytes(case: str, method: str, **kwargs) -> int:
-    """Bytes above the resident inputs that one call of cases.<case>()[method] peaks at."""
+    """Bytes above the resident inputs that one call of <case>()[method] (from benchmarks.cases
+    or benchmarks.engine_cases) peaks at."""
     out = subprocess.run(
         [sys.executable, "-c", _CHILD, case, method, json.dumps(kwargs)],
         check=True, capture_output=True, text=True,
