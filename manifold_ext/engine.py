@@ -338,7 +338,8 @@ def evaluate(
         raise ValueError(f"engine must be 'fused' or 'loop', got {engine!r}")
     start = time.perf_counter()
     stacked = P.stack(vertices)
-    coeffs = _check_coeffs(coeffs, next(iter(stacked.values())).shape[0])
+    first = next(iter(stacked.values()))
+    coeffs = _check_coeffs(coeffs, first.shape[0]).to(first.device)
     x, y = _check_data(data)
     stacked = {n: t.clone() for n, t in stacked.items()}
     bad = _non_finite(stacked, coeffs)
