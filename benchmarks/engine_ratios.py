@@ -7,13 +7,10 @@ ladder of DESIGN.md section 7 timed side by side in one run.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-
 import torch
 
 from benchmarks import engine_cases
-from benchmarks.harness import matmul_ceiling, time_interleaved
+from benchmarks.harness import matmul_ceiling, save, time_interleaved
 from benchmarks.memory import peak_extra_bytes
 
 TARGETS = [
@@ -74,9 +71,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default="results/bench_engine.json")
     args = p.parse_args(argv)
     res = measure(args.rounds)
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(res, f, indent=2)
+    save(res, args.json)
     print(table(res))
     return 0
 

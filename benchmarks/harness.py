@@ -3,6 +3,8 @@ compared by the ratio of their medians, never by absolute times across runs."""
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
 from typing import Callable, Dict
@@ -42,3 +44,13 @@ def matmul_ceiling(device: str = "cpu", n: int = 2048, dtype=torch.float32) -> f
     b = torch.randn(n, n, device=device, dtype=dtype)
     t = time_interleaved({"mm": lambda: torch.mm(a, b)}, rounds=9, warmup=3, device=device)["mm"]
     return 2.0 * n**3 / t
+
+
+def save(res: dict, path: str) -> None:
+    """Write benchmark results as JSON, with the build they measured."""
+    import manifold_ext
+
+    res.setdefault("build_info", manifold_ext.build_info())
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(res, f, indent=2)

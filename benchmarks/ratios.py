@@ -6,14 +6,10 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-
 import torch
 
-import manifold_ext
 from benchmarks import cases
-from benchmarks.harness import matmul_ceiling, time_interleaved
+from benchmarks.harness import matmul_ceiling, save, time_interleaved
 from benchmarks.memory import peak_extra_bytes
 
 
@@ -119,10 +115,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default="results/bench_ops.json")
     args = p.parse_args(argv)
     res = measure(args.device, args.rounds)
-    res["build_info"] = manifold_ext.build_info()
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(res, f, indent=2)
+    save(res, args.json)
     print(table(res))
     return 0
 

@@ -85,14 +85,19 @@ def _non_finite(stacked: P.State, coeffs: Tensor) -> Tensor:
 
 @contextlib.contextmanager
 def _patched(modules: Dict[nn.Module, Callable]):
-    """Temporarily replace the forward of some module instances."""
+    """Temporarily replace the forward of some module instances (restoring any forward the
+    instance itself carried)."""
+    saved = {m: m.__dict__.get("forward") for m in modules}
     try:
         for m, fwd in modules.items():
             m.forward = fwd
         yield
     finally:
-        for m in modules:
-            del m.forward
+        for m, old in saved.items():
+            if old is None:
+                del m.forward
+            else:
+                m.forward = old
 
 
 def _linear_forward(W: Tensor, b: Optional[Tensor], coeffs_ref: List[Tensor]):

@@ -1,6 +1,5 @@
 """The engine's main test: every point equals loading its state dict and evaluating it alone."""
 
-import warnings
 
 import pytest
 import torch

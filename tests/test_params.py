@@ -6,7 +6,6 @@ import re
 
 import pytest
 import torch
-from torch import nn
 
 from manifold_ext import params as P
 
