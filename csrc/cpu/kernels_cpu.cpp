@@ -209,11 +209,59 @@ void outer_mix_cpu(const Tensor& g, const Tensor& x, const Tensor& weight, const
   });
 }
 
+// Few classes (a classifier head of 10): per-point work is a handful of tiny ops whose overhead
+// outweighs the arithmetic, so one product gives every vertex's logits for every example of every
+// point, each point mixes its K, and the row reductions run vectorised over all rows at once.
+// (B=64, N=64, 256 -> 10 classes: 4.8 ms per call the per-point way.)
+bool ce_by_vertex_pays(const Tensor& x, const Tensor& weight, int64_t K, int64_t C) {
+  return K * C <= 128 && x.is_contiguous() && weight.is_contiguous();
+}
+
+void linear_ce_rows_by_vertex(const Tensor& x, const Tensor& weight, const Tensor& coeffs,
+                              const Tensor& bias_mix, const Tensor& target, Tensor& lse,
+                              Tensor& loss, Tensor& correct) {
+  const int64_t B = x.size(0), N = x.size(1), R = x.size(2), C = weight.size(1),
+                K = weight.size(0);
+  const Tensor A = weight.reshape({K * C, R}).t();
+  const int64_t budget = (int64_t(64) << 20) / x.element_size();
+  const int64_t step = std::max<int64_t>(1, budget / std::max<int64_t>(1, N * K * C));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_ce_rows_by_vertex", [&] {
+    const scalar_t* c = coeffs.const_data_ptr<scalar_t>();
+    const scalar_t* bias = bias_mix.defined() ? bias_mix.const_data_ptr<scalar_t>() : nullptr;
+    for (int64_t b0 = 0; b0 < B; b0 += step) {
+      const int64_t bc = std::min(step, B - b0);
+      const Tensor Z = at::mm(x.narrow(0, b0, bc).reshape({bc * N, R}), A);  // (bc*N, K*C)
+      Tensor logits = at::empty({bc * N, C}, x.options());
+      const scalar_t* zp = Z.const_data_ptr<scalar_t>();
+      scalar_t* lp = logits.data_ptr<scalar_t>();
+      at::parallel_for(0, bc * N, std::max<int64_t>(1, 4096 / C), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t b = b0 + r / N;
+          scalar_t* out = lp + r * C;
+          combine_row(zp + r * K * C, K, C, C, c + b * K, out);
+          if (bias != nullptr) {
+            for (int64_t j = 0; j < C; ++j) out[j] += bias[b * C + j];
+          }
+        }
+      });
+      const Tensor t = target.narrow(0, b0, bc).reshape({bc * N});
+      const Tensor l = at::logsumexp(logits, 1);
+      lse.narrow(0, b0, bc).copy_(l.view({bc, N}));
+      loss.narrow(0, b0, bc).copy_((l - logits.gather(1, t.unsqueeze(1)).squeeze(1)).view({bc, N}));
+      correct.narrow(0, b0, bc).copy_((logits.argmax(1) == t).view({bc, N}));
+    }
+  });
+}
+
 void linear_ce_rows_cpu(const Tensor& x, const Tensor& weight, const Tensor& coeffs,
                         const Tensor& bias_mix, const Tensor& target, Tensor& lse, Tensor& loss,
                         Tensor& correct) {
   const int64_t B = x.size(0), N = x.size(1), R = x.size(2), C = weight.size(1),
                 K = weight.size(0);
+  if (ce_by_vertex_pays(x, weight, K, C)) {
+    linear_ce_rows_by_vertex(x, weight, coeffs, bias_mix, target, lse, loss, correct);
+    return;
+  }
   const double flops = 2.0 * N * R * C;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_ce_rows_cpu", [&] {
     const scalar_t* w = weight.const_data_ptr<scalar_t>();
