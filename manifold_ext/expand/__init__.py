@@ -1,0 +1,21 @@
+"""Model expansion: width and depth growth operators, function-preserving and not.
+
+``expand(model, Widen("*", factor=2), Deepen("1"))`` returns a grown copy of an ``nn.Sequential``
+MLP (Linear, BatchNorm1d, LayerNorm, Dropout, elementwise activations) and an ``ExpansionReport``.
+See ``width`` and ``depth`` for what each initialisation preserves.
+"""
+
+from .core import expand, preservation_error
+from .report import ExpansionReport, LayerChange
+from .specs import DEPTH_INITS, WIDTH_INITS, Deepen, Widen
+
+__all__ = [
+    "expand",
+    "preservation_error",
+    "Widen",
+    "Deepen",
+    "ExpansionReport",
+    "LayerChange",
+    "WIDTH_INITS",
+    "DEPTH_INITS",
+]

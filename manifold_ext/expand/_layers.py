@@ -1,0 +1,125 @@
+"""Which layers the growth operators understand, and how specs select them by path."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+# Elementwise: a unit's output depends only on that unit, so copying a unit copies its output.
+ACTIVATIONS = (
+    nn.ReLU, nn.GELU, nn.Tanh, nn.Identity, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Softplus,
+    nn.Mish, nn.ReLU6, nn.Hardtanh, nn.SELU, nn.CELU, nn.Hardswish, nn.Hardsigmoid, nn.Softsign,
+    nn.Tanhshrink, nn.LogSigmoid,
+)
+# Identities in eval mode: they let a LayerNorm see the Linear's output unchanged.
+PASSTHROUGH = (nn.Dropout, nn.Identity)
+PER_FEATURE = ACTIVATIONS + (nn.Dropout, nn.BatchNorm1d, nn.LayerNorm)
+SUPPORTED = "nn.Linear, nn.BatchNorm1d, nn.LayerNorm, nn.Dropout and elementwise activations"
+
+Children = List[Tuple[str, nn.Module]]
+
+
+def children(model: nn.Module) -> Children:
+    """The (name, module) children of an nn.Sequential; TypeError for any other container."""
+    if not isinstance(model, nn.Sequential):
+        raise TypeError(
+            f"expand: model must be an nn.Sequential (of {SUPPORTED}), got {type(model).__name__}"
+        )
+    return list(model._modules.items())
+
+
+def kind(m: nn.Module) -> str:
+    return type(m).__name__
+
+
+def unsupported(path: str, m: nn.Module, why: str) -> TypeError:
+    return TypeError(f"module {path!r} ({kind(m)}) is not supported {why}; supported: {SUPPORTED}")
+
+
+def select(kids: Children, pattern: str, arg: str) -> List[int]:
+    """Indices of the children whose name equals ``pattern`` or matches it as a glob."""
+    names = [n for n, _ in kids]
+    if pattern in names:
+        return [names.index(pattern)]
+    hits = [i for i, n in enumerate(names) if fnmatch.fnmatchcase(n, pattern)]
+    if not hits:
+        raise ValueError(f"{arg}={pattern!r} matches no module; the model's paths are {names}")
+    return hits
+
+
+def is_pattern(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def next_linear(kids: Children, i: int) -> Optional[int]:
+    """Index of the first Linear after child i, or None."""
+    for j in range(i + 1, len(kids)):
+        if isinstance(kids[j][1], nn.Linear):
+            return j
+    return None
+
+
+def check_per_feature(kids: Children, lo: int, hi: int, width: int, why: str) -> None:
+    """Children lo..hi-1 must act feature by feature on ``width`` features, else TypeError/ValueError."""
+    for path, m in kids[lo:hi]:
+        if not isinstance(m, PER_FEATURE):
+            raise unsupported(path, m, why)
+        if isinstance(m, nn.BatchNorm1d) and m.num_features != width:
+            raise ValueError(f"module {path!r} (BatchNorm1d) has num_features={m.num_features}, expected {width}")
+        if isinstance(m, nn.LayerNorm) and tuple(m.normalized_shape) != (width,):
+            raise ValueError(
+                f"module {path!r} (LayerNorm) has normalized_shape={tuple(m.normalized_shape)}, expected ({width},)"
+            )
+
+
+def uniform(shape, bound: float, like: Tensor, generator) -> Tensor:
+    """U(-bound, bound) drawn on the CPU (so one CPU generator serves models on any device)."""
+    u = torch.rand(shape, generator=generator, dtype=torch.float64)
+    return ((2 * u - 1) * bound).to(device=like.device, dtype=like.dtype)
+
+
+def gaussian(shape, std: float, like: Tensor, generator) -> Tensor:
+    g = torch.randn(shape, generator=generator, dtype=torch.float64) * std
+    return g.to(device=like.device, dtype=like.dtype)
+
+
+def fresh_bound(fan_in: int) -> float:
+    # nn.Linear.reset_parameters: kaiming_uniform(a=sqrt(5)) and the bias both reduce to 1/sqrt(fan_in).
+    return 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+
+def new_linear(like: nn.Linear, w: Tensor, b: Optional[Tensor]) -> nn.Linear:
+    """A new nn.Linear holding ``w`` and ``b``, in ``like``'s train/eval mode."""
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        if b is not None:
+            lin.bias.copy_(b)
+    lin.train(like.training)
+    return lin
+
+
+def replace_param(mod: nn.Module, name: str, value: Optional[Tensor]) -> None:
+    """Swap a parameter or buffer for a resized one, keeping the module object (and so its hooks,
+    its identity for the report, and the parameter's requires_grad)."""
+    old = getattr(mod, name)
+    if old is None or value is None:
+        return
+    if isinstance(old, nn.Parameter):
+        setattr(mod, name, nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad))
+    else:
+        mod.register_buffer(name, value.detach().clone())
+
+
+def resize_linear(lin: nn.Linear, w: Tensor, b: Optional[Tensor]) -> None:
+    replace_param(lin, "weight", w)
+    replace_param(lin, "bias", b)
+    lin.out_features, lin.in_features = w.shape
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,78 @@
+"""ExpansionReport: what an expansion changed, and whether (and how well) it preserved the function."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+@dataclass
+class LayerChange:
+    """One growth step on one layer.
+
+    ``op``: "widen" or "deepen". ``path``: the Linear's path in the final expanded model (for
+    "deepen", the inserted Linear). ``before``/``after``: ``[in_features, out_features]`` of that Linear
+    (``before`` is empty for an inserted layer). ``exact``: the operator preserves the function
+    exactly (up to float rounding) for this layer; ``note`` says why or why not. ``detail``:
+    operator-specific counts (copied, mean and fresh units; the Sequential index of insertion).
+    """
+
+    op: str
+    path: str
+    kind: str
+    init: str
+    before: List[int]
+    after: List[int]
+    exact: bool
+    note: str = ""
+    detail: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ExpansionReport:
+    """The result of ``expand``: parameter counts, per-layer changes and the measured preservation.
+
+    ``preserving`` is the claim (every change exact); ``preservation_error`` is the measured
+    ``max |expanded(x) - base(x)|`` on the check inputs in eval mode (None when there were none).
+    ``specs`` records the specs applied, as dicts with a "type" key.
+    """
+
+    params_before: int
+    params_after: int
+    changes: List[LayerChange]
+    specs: List[Dict[str, Any]]
+    preserving: bool
+    preservation_error: Optional[float] = None
+    check_inputs_shape: Optional[List[int]] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A plain dict of JSON types."""
+        return asdict(self)
+
+    def to_json(self, **kwargs) -> str:
+        """The report as a JSON string (``kwargs`` go to ``json.dumps``, e.g. ``indent=2``)."""
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "ExpansionReport":
+        """Inverse of ``to_dict``."""
+        d = dict(d)
+        d["changes"] = [LayerChange(**c) for c in d["changes"]]
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str) -> "ExpansionReport":
+        """Inverse of ``to_json``."""
+        return cls.from_dict(json.loads(s))
+
+    def summary(self) -> str:
+        """One line per change plus the totals, for logs."""
+        lines = [
+            f"{c.op} {c.path} ({c.kind}, {c.init}): {c.before} -> {c.after}, "
+            f"{'exact' if c.exact else 'not exact'}: {c.note}"
+            for c in self.changes
+        ]
+        err = "not measured" if self.preservation_error is None else f"{self.preservation_error:.3g}"
+        lines.append(f"params {self.params_before} -> {self.params_after}; preserving={self.preserving}; max error {err}")
+        return "\n".join(lines)

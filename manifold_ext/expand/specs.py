@@ -1,0 +1,101 @@
+"""Growth specifications: what to grow, by how much, and how to initialise the new weights.
+
+Specs are validated when they are built, so a bad argument fails where it is written rather than
+halfway through an expansion.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Optional
+
+WIDTH_INITS = ("net2net", "zero", "random")
+DEPTH_INITS = ("identity", "zero", "random", "copy")
+
+
+def _check_noise(cls: str, noise) -> None:
+    if isinstance(noise, bool) or not isinstance(noise, numbers.Real) or not noise >= 0:
+        raise ValueError(f"{cls}: noise must be a real number >= 0 (the std of the Gaussian noise), got {noise!r}")
+
+
+def _check_path(cls: str, arg: str, value) -> None:
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{cls}: {arg} must be a non-empty module path or glob pattern (str), got {value!r}")
+
+
+@dataclass(frozen=True)
+class Widen:
+    """Widen the hidden layer after each selected ``nn.Linear``.
+
+    ``target`` is a child name of the ``nn.Sequential`` (``"0"``) or an ``fnmatch`` glob (``"*"``).
+    An exact path must name a hidden Linear (one followed by another Linear); a glob silently
+    skips modules that are not hidden Linears, so ``"*"`` means "every hidden layer".
+    Give exactly one of ``factor`` (new width ``round(width * factor)``, ``factor >= 1``) or
+    ``size`` (the new width, ``>=`` the current one).
+    ``init``: ``"net2net"`` or ``"zero"`` (function-preserving, see ``width.widen``) or
+    ``"random"`` (not preserving). ``noise``: std of Gaussian noise added to the new weights
+    (symmetry breaking); with ``noise > 0`` preservation is no longer claimed.
+    """
+
+    target: str
+    factor: Optional[float] = None
+    size: Optional[int] = None
+    init: str = "net2net"
+    noise: float = 0.0
+
+    def __post_init__(self):
+        _check_path("Widen", "target", self.target)
+        if (self.factor is None) == (self.size is None):
+            raise ValueError(
+                f"Widen({self.target!r}): give exactly one of factor or size, got factor={self.factor!r}, size={self.size!r}"
+            )
+        if self.factor is not None:
+            f = self.factor
+            if isinstance(f, bool) or not isinstance(f, numbers.Real) or not f >= 1:
+                raise ValueError(f"Widen({self.target!r}): factor must be a real number >= 1, got {f!r}")
+        if self.size is not None:
+            s = self.size
+            if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1:
+                raise ValueError(f"Widen({self.target!r}): size must be a positive integer, got {s!r}")
+        if self.init not in WIDTH_INITS:
+            raise ValueError(f"Widen({self.target!r}): init must be one of {WIDTH_INITS}, got {self.init!r}")
+        _check_noise("Widen", self.noise)
+
+    def new_width(self, path: str, kind: str, width: int) -> int:
+        """The width this spec asks for, given the current one; ValueError if it would shrink."""
+        if self.size is not None:
+            if self.size < width:
+                raise ValueError(
+                    f"Widen: module {path!r} ({kind}) has width {width}; size must be >= {width}, got {self.size}"
+                )
+            return int(self.size)
+        return int(round(width * float(self.factor)))
+
+
+@dataclass(frozen=True)
+class Deepen:
+    """Insert ``count`` new blocks after the selected module(s) of an ``nn.Sequential``.
+
+    A block is ``nn.Linear(w, w)`` followed by a copy of the activation that follows the nearest
+    Linear at or before ``after`` (none if that Linear has no activation after it); ``w`` is that
+    Linear's output width. ``init``: ``"identity"`` (preserving for ReLU networks, see
+    ``depth.deepen``), ``"random"`` (fresh ``nn.Linear`` init) or ``"copy"`` (a copy of that
+    Linear, which must be square). ``"zero"`` (a residual block with a zero output projection) is
+    accepted here for models with residual blocks; ``expand`` refuses it on a plain
+    ``nn.Sequential``, which has no residual path for a zero block to sit on.
+    """
+
+    after: str
+    count: int = 1
+    init: str = "identity"
+    noise: float = 0.0
+
+    def __post_init__(self):
+        _check_path("Deepen", "after", self.after)
+        c = self.count
+        if isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 1:
+            raise ValueError(f"Deepen({self.after!r}): count must be an integer >= 1, got {c!r}")
+        if self.init not in DEPTH_INITS:
+            raise ValueError(f"Deepen({self.after!r}): init must be one of {DEPTH_INITS}, got {self.init!r}")
+        _check_noise("Deepen", self.noise)
