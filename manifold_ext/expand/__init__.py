@@ -2,7 +2,9 @@
 
 ``expand(model, Widen("*", factor=2), Deepen("1"))`` returns a grown copy of an ``nn.Sequential``
 MLP (Linear, BatchNorm1d, LayerNorm, Dropout, elementwise activations) and an ``ExpansionReport``.
-See ``width`` and ``depth`` for what each initialisation preserves.
+``Widen`` also grows the channels of ``nn.Conv2d`` layers of a convolutional ``nn.Sequential``
+(BatchNorm2d, pooling, Dropout2d, Flatten + Linear head). See ``width``, ``conv`` and ``depth``
+for what each initialisation preserves.
 """
 
 from .core import expand, preservation_error

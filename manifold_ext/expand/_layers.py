@@ -18,7 +18,14 @@ ACTIVATIONS = (
 # Identities in eval mode: they let a LayerNorm see the Linear's output unchanged.
 PASSTHROUGH = (nn.Dropout, nn.Identity)
 PER_FEATURE = ACTIVATIONS + (nn.Dropout, nn.BatchNorm1d, nn.LayerNorm)
-SUPPORTED = "nn.Linear, nn.BatchNorm1d, nn.LayerNorm, nn.Dropout and elementwise activations"
+# Channel by channel on (N, C, H, W) maps: a copied channel's map equals its source's (eval mode).
+PER_CHANNEL = ACTIVATIONS + (
+    nn.Dropout, nn.Dropout2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+)
+SUPPORTED = (
+    "nn.Linear, nn.BatchNorm1d, nn.LayerNorm, nn.Dropout and elementwise activations; "
+    "nn.Conv2d (groups=1), nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.Dropout2d and nn.Flatten before a Linear"
+)
 
 Children = List[Tuple[str, nn.Module]]
 
@@ -61,6 +68,62 @@ def next_linear(kids: Children, i: int) -> Optional[int]:
         if isinstance(kids[j][1], nn.Linear):
             return j
     return None
+
+
+def next_consumer(kids: Children, i: int) -> Optional[int]:
+    """Index of the first Conv2d or Linear after child i (what reads a Conv2d's channels), or None."""
+    for j in range(i + 1, len(kids)):
+        if isinstance(kids[j][1], (nn.Conv2d, nn.Linear)):
+            return j
+    return None
+
+
+def check_conv(path: str, m: nn.Conv2d, role: str) -> None:
+    # Grouped convolutions tie channels together in blocks: copying one channel is not enough.
+    if m.groups != 1:
+        raise TypeError(
+            f"module {path!r} (Conv2d, groups={m.groups}) is not supported as {role}: only groups=1 convolutions "
+            "can be widened"
+        )
+
+
+def check_per_channel(kids: Children, lo: int, hi: int, width: int, why: str) -> int:
+    """Children lo..hi-1 must act channel by channel on ``width`` channels and child ``hi`` (the
+    consumer) must read them: a Conv2d, or a Linear after one nn.Flatten. Returns the consumer's
+    inputs per channel: 1 for a Conv2d, ``H*W = in_features / width`` for a Linear."""
+    path_b, b = kids[hi]
+    flat = None
+    for path, m in kids[lo:hi]:
+        if isinstance(m, nn.Flatten):
+            if flat is not None or not isinstance(b, nn.Linear) or m.start_dim != 1 or m.end_dim != -1:
+                raise TypeError(
+                    f"module {path!r} (Flatten, start_dim={m.start_dim}, end_dim={m.end_dim}) is not supported {why}: "
+                    "expected one nn.Flatten(start_dim=1, end_dim=-1) followed by an nn.Linear"
+                )
+            flat = path
+            continue
+        # After the Flatten a channel is H*W features: only elementwise modules keep them apart simply.
+        allowed = PER_CHANNEL if flat is None else ACTIVATIONS + PASSTHROUGH
+        if not isinstance(m, allowed):
+            raise unsupported(path, m, why)
+        if isinstance(m, nn.BatchNorm2d) and m.num_features != width:
+            raise ValueError(f"module {path!r} (BatchNorm2d) has num_features={m.num_features}, expected {width}")
+    if isinstance(b, nn.Linear):
+        if flat is None:
+            raise TypeError(
+                f"module {path_b!r} (Linear) reads Conv2d channels without an nn.Flatten before it; "
+                f"supported: {SUPPORTED}"
+            )
+        if b.in_features % width:
+            raise ValueError(
+                f"module {path_b!r} (Linear) has in_features={b.in_features}, not a multiple of the {width} channels "
+                "being widened (each channel must map to H*W consecutive features)"
+            )
+        return b.in_features // width
+    check_conv(path_b, b, "the consumer of widened channels")
+    if b.in_channels != width:
+        raise ValueError(f"module {path_b!r} (Conv2d) has in_channels={b.in_channels}, expected {width}")
+    return 1
 
 
 def check_per_feature(kids: Children, lo: int, hi: int, width: int, why: str) -> None:
@@ -119,6 +182,12 @@ def resize_linear(lin: nn.Linear, w: Tensor, b: Optional[Tensor]) -> None:
     replace_param(lin, "weight", w)
     replace_param(lin, "bias", b)
     lin.out_features, lin.in_features = w.shape
+
+
+def resize_conv(conv: nn.Conv2d, w: Tensor, b: Optional[Tensor]) -> None:
+    replace_param(conv, "weight", w)
+    replace_param(conv, "bias", b)
+    conv.out_channels, conv.in_channels = w.shape[:2]
 
 
 def n_params(model: nn.Module) -> int:

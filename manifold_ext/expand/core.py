@@ -34,7 +34,8 @@ def expand(
     The preservation error ``max |expanded(x) - base(x)|`` is measured in eval mode on
     ``check_inputs``; when None and the first module is an ``nn.Linear``, on
     ``DEFAULT_CHECK_BATCH`` standard-normal inputs drawn from a fixed seed (so the caller's RNG
-    is untouched). Returns ``(expanded_model, ExpansionReport)``.
+    is untouched). A convolutional model has no default (its input's spatial size is unknown):
+    pass ``check_inputs`` to measure it. Returns ``(expanded_model, ExpansionReport)``.
     """
     L.children(model)  # the type check, before any work
     for s in specs:

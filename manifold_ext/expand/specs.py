@@ -26,11 +26,12 @@ def _check_path(cls: str, arg: str, value) -> None:
 
 @dataclass(frozen=True)
 class Widen:
-    """Widen the hidden layer after each selected ``nn.Linear``.
+    """Widen the hidden layer after each selected ``nn.Linear``, or the channels of an ``nn.Conv2d``.
 
     ``target`` is a child name of the ``nn.Sequential`` (``"0"``) or an ``fnmatch`` glob (``"*"``).
-    An exact path must name a hidden Linear (one followed by another Linear); a glob silently
-    skips modules that are not hidden Linears, so ``"*"`` means "every hidden layer".
+    An exact path must name a hidden Linear (one followed by another Linear) or a Conv2d read by a
+    later Conv2d or (through an ``nn.Flatten``) Linear, see ``conv``; a glob silently skips
+    modules that are neither, so ``"*"`` means "every hidden layer and channel set".
     Give exactly one of ``factor`` (new width ``round(width * factor)``, ``factor >= 1``) or
     ``size`` (the new width, ``>=`` the current one).
     ``init``: ``"net2net"`` or ``"zero"`` (function-preserving, see ``width.widen``) or

@@ -1,5 +1,7 @@
 """Width growth: more hidden units between two Linear layers of an nn.Sequential.
 
+(Convolution channels: see ``conv``; ``widen_all`` dispatches Conv2d targets there.)
+
 ``widen`` grows the hidden layer between ``nn.Linear`` A (its output units) and the next
 ``nn.Linear`` B (its input columns), carrying along every BatchNorm1d, LayerNorm, Dropout and
 elementwise activation in between. Unit order: the n existing units keep their indices; new
@@ -59,30 +61,41 @@ def widen_all(model: nn.Sequential, spec: Widen, generator: Optional[torch.Gener
     kids = L.children(model)
     names = [n for n, _ in kids]
     hits = L.select(kids, spec.target, "Widen.target")
+    from .conv import widen_conv  # here, not at the top: conv imports this module's helpers
+
     targets = []
     for i in hits:
         path, m = kids[i]
-        hidden = isinstance(m, nn.Linear) and L.next_linear(kids, i) is not None
+        hidden = (isinstance(m, nn.Linear) and L.next_linear(kids, i) is not None) or (
+            isinstance(m, nn.Conv2d) and L.next_consumer(kids, i) is not None
+        )
         if hidden:
             targets.append(path)
         elif not L.is_pattern(spec.target) or spec.target in names:
-            if not isinstance(m, nn.Linear):
+            if not isinstance(m, (nn.Linear, nn.Conv2d)):
                 raise TypeError(
-                    f"Widen.target={spec.target!r}: module {path!r} is {L.kind(m)}, expected nn.Linear "
-                    "(widen the Linear whose outputs are the hidden units)"
+                    f"Widen.target={spec.target!r}: module {path!r} is {L.kind(m)}, expected nn.Linear or nn.Conv2d "
+                    "(widen the layer whose outputs are the hidden units or channels)"
                 )
+            size = f"out_features={m.out_features}" if isinstance(m, nn.Linear) else f"out_channels={m.out_channels}"
             raise ValueError(
-                f"Widen.target={spec.target!r}: module {path!r} (Linear, out_features={m.out_features}) is the "
+                f"Widen.target={spec.target!r}: module {path!r} ({L.kind(m)}, {size}) is the "
                 "output layer; widening it would change the model's output shape"
             )
     if not targets:
-        raise ValueError(f"Widen.target={spec.target!r} matches no hidden nn.Linear; the model's paths are {names}")
+        raise ValueError(
+            f"Widen.target={spec.target!r} matches no hidden nn.Linear or nn.Conv2d; the model's paths are {names}"
+        )
     changes = []
     for path in targets:
         i = [n for n, _ in L.children(model)].index(path)
         a = model._modules[path]
-        m = spec.new_width(path, L.kind(a), a.out_features)
-        changes.append(widen(model, i, m, spec.init, spec.noise, generator))
+        if isinstance(a, nn.Conv2d):
+            m = spec.new_width(path, L.kind(a), a.out_channels)
+            changes.append(widen_conv(model, i, m, spec.init, spec.noise, generator))
+        else:
+            m = spec.new_width(path, L.kind(a), a.out_features)
+            changes.append(widen(model, i, m, spec.init, spec.noise, generator))
     return changes
 
 
