@@ -12,7 +12,7 @@ from torch import nn
 from manifold_ext.expand import Deepen, ExpansionReport, Widen, expand, preservation_error
 
 TOL = 1e-5
-FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 def build(widths, act=nn.ReLU, norm=None, norm_first=True, dropout=False, seed=0, dtype=torch.float32):

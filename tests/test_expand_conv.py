@@ -12,7 +12,7 @@ from torch import nn
 from manifold_ext.expand import ExpansionReport, Widen, expand, preservation_error
 
 TOL = 1e-5
-FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 def random_bn(bn):
@@ -216,7 +216,9 @@ def test_widen_conv_not_preserving_inits_differ(model, data, init):
     new, report = expand(model, Widen(path, size=n + data.draw(st.integers(1, 4)), init=init, noise=noise),
                          check_inputs=inputs(model))
     assert not report.preserving and not report.changes[0].exact
-    assert report.preservation_error > 1e-5
+    # Differs, though not always by much: max pooling or saturated activations can hide most of
+    # a perturbation (hypothesis found a 7e-6 change).
+    assert report.preservation_error > 1e-7
 
 
 def test_generator_makes_conv_expansion_deterministic():
