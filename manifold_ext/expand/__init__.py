@@ -3,8 +3,9 @@
 ``expand(model, Widen("*", factor=2), Deepen("1"))`` returns a grown copy of an ``nn.Sequential``
 MLP (Linear, BatchNorm1d, LayerNorm, Dropout, elementwise activations) and an ``ExpansionReport``.
 ``Widen`` also grows the channels of ``nn.Conv2d`` layers of a convolutional ``nn.Sequential``
-(BatchNorm2d, pooling, Dropout2d, Flatten + Linear head). See ``width``, ``conv`` and ``depth``
-for what each initialisation preserves.
+(BatchNorm2d, pooling, Dropout2d, Flatten + Linear head). ``Deepen("stages.<i>", init="zero")``
+appends residual BasicBlocks to a stage of ``manifold_ext.models.ResNetCNN`` (see ``resnet``).
+See ``width``, ``conv``, ``depth`` and ``resnet`` for what each initialisation preserves.
 """
 
 from .core import expand, preservation_error

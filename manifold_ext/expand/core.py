@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from . import _layers as L
 from .depth import deepen_all
+from .resnet import deepen_resnet
 from .report import ExpansionReport
 from .specs import Deepen, Widen
 from .width import widen_all
@@ -34,21 +35,36 @@ def expand(
     The preservation error ``max |expanded(x) - base(x)|`` is measured in eval mode on
     ``check_inputs``; when None and the first module is an ``nn.Linear``, on
     ``DEFAULT_CHECK_BATCH`` standard-normal inputs drawn from a fixed seed (so the caller's RNG
-    is untouched). A convolutional model has no default (its input's spatial size is unknown):
+    is untouched); for a ``ResNetCNN``, on 8x8 images drawn the same way. Another convolutional
+    model has no default (its input's spatial size is unknown):
     pass ``check_inputs`` to measure it. Returns ``(expanded_model, ExpansionReport)``.
     """
-    L.children(model)  # the type check, before any work
+    from ..models import ResNetCNN
+
+    resnet = isinstance(model, ResNetCNN)
+    if not resnet:
+        L.children(model)  # the type check, before any work
     for s in specs:
         if not isinstance(s, (Widen, Deepen)):
             raise TypeError(f"expand: each spec must be a Widen or Deepen, got {type(s).__name__}: {s!r}")
+        if resnet and isinstance(s, Widen):
+            raise TypeError(
+                f"expand: Widen({s.target!r}) is not supported on ResNetCNN (module '' of type ResNetCNN): "
+                "only Deepen('stages.<i>', init='zero'|'random'|'copy') is; Widen supports nn.Sequential models"
+            )
     new = copy.deepcopy(model)
     changes, touched = [], []
     for s in specs:
+        if resnet:
+            step = deepen_resnet(new, s, generator)
+            touched += [m for m, _ in step]
+            changes += [c for _, c in step]
+            continue
         step = (widen_all if isinstance(s, Widen) else deepen_all)(new, s, generator)
         changes += step
         touched += [new._modules[c.path] for c in step]
     # A later Deepen renumbers the Sequential: report every change under its final path.
-    final = {id(m): name for name, m in new._modules.items()}
+    final = {id(m): name for name, m in new.named_modules()}
     for c, m in zip(changes, touched):
         c.path = final[id(m)]
     if check_inputs is None:
@@ -67,6 +83,13 @@ def expand(
 
 
 def _default_inputs(model: nn.Module) -> Optional[Tensor]:
+    from ..models import ResNetCNN
+
+    if isinstance(model, ResNetCNN):  # built for small images: check on 8x8 ones
+        w = model.stem[0].weight
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(DEFAULT_CHECK_BATCH, model.in_channels, 8, 8, generator=g)
+        return x.to(device=w.device, dtype=w.dtype)
     kids = list(model.children())
     if not kids or not isinstance(kids[0], nn.Linear):
         return None

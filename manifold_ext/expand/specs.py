@@ -84,7 +84,9 @@ class Deepen:
     ``depth.deepen``), ``"random"`` (fresh ``nn.Linear`` init) or ``"copy"`` (a copy of that
     Linear, which must be square). ``"zero"`` (a residual block with a zero output projection) is
     accepted here for models with residual blocks; ``expand`` refuses it on a plain
-    ``nn.Sequential``, which has no residual path for a zero block to sit on.
+    ``nn.Sequential``, which has no residual path for a zero block to sit on. On a
+    ``manifold_ext.models.ResNetCNN``, ``after`` names a stage (``"stages.0"``, or a glob) and
+    ``init`` is ``"zero"`` (preserving), ``"random"`` or ``"copy"``, see ``resnet``.
     """
 
     after: str
