@@ -9,7 +9,10 @@
 
 All are built only from standard layers, so they run under ``torch.func.functional_call`` and
 ``vmap`` (``manifold_ext.engine``). ``manifold_ext.expand`` widens/deepens :func:`mlp` models
-(they are ``nn.Sequential``) and deepens :class:`ResNetCNN` stages (``Deepen("stages.0", init="zero")``).
+(they are ``nn.Sequential``), deepens :class:`ResNetCNN` stages (``Deepen("stages.0", init="zero")``)
+and widens their blocks' inner channels (``Widen("stages.0.0.conv1", ...)``), and widens a
+:class:`TinyTransformer`'s feed-forward width (``Widen("blocks.0.ff1", ...)``) and attention heads
+(``Widen("blocks.0.qkv", size=heads, init="zero")``).
 """
 
 from __future__ import annotations
@@ -116,7 +119,13 @@ class ResNetCNN(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-LN block: ``h + proj(attn(ln1(h)))``, then ``h + ff2(gelu(ff1(ln2(h))))``; causal attention."""
+    """Pre-LN block: ``h + proj(attn(ln1(h)))``, then ``h + ff2(gelu(ff1(ln2(h))))``; causal attention.
+
+    ``qkv`` outputs ``3 * heads * head_dim`` features (q, then k, then v; each head's ``head_dim``
+    features contiguous) and ``proj`` reads ``heads * head_dim``; built with ``head_dim = width /
+    heads``, but the forward only needs ``qkv.out_features / 3`` divisible by ``heads``, so
+    ``manifold_ext.expand`` can add heads of the same ``head_dim`` (``Widen("blocks.0.qkv", ...)``).
+    """
 
     def __init__(self, width: int, heads: int, ff_width: int):
         super().__init__()
@@ -129,11 +138,12 @@ class TransformerBlock(nn.Module):
         self.ff2 = nn.Linear(ff_width, width)
 
     def forward(self, h: Tensor) -> Tensor:
-        N, T, D = h.shape
+        N, T, _ = h.shape
         q, k, v = self.qkv(self.ln1(h)).chunk(3, dim=-1)
-        split = lambda t: t.reshape(N, T, self.heads, D // self.heads).transpose(1, 2)
+        E = q.shape[-1]  # heads * head_dim: the residual width, unless heads were added (expand.transformer)
+        split = lambda t: t.reshape(N, T, self.heads, E // self.heads).transpose(1, 2)
         a = F.scaled_dot_product_attention(split(q), split(k), split(v), is_causal=True)
-        h = h + self.proj(a.transpose(1, 2).reshape(N, T, D))
+        h = h + self.proj(a.transpose(1, 2).reshape(N, T, E))
         return h + self.ff2(F.gelu(self.ff1(self.ln2(h))))
 
 

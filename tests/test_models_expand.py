@@ -248,7 +248,7 @@ ERRORS = [
     (Deepen("stem", init="zero"), TypeError, r"module 'stem' \(Sequential\) is not a stage of ResNetCNN"),
     (Deepen("stages.0.0", init="zero"), TypeError, r"module 'stages.0.0' \(BasicBlock\) is not a stage"),
     (Deepen("head", init="zero"), TypeError, r"module 'head' \(Linear\) is not a stage"),
-    (Widen("stages.0", factor=2), TypeError, r"Widen\('stages.0'\) is not supported on ResNetCNN"),
+    (Widen("stages.0", factor=2), TypeError, r"module 'stages.0' \(Sequential\) cannot be widened on ResNetCNN"),
 ]
 
 
@@ -261,9 +261,9 @@ def test_resnet_errors(spec, exc, msg):
     assert_untouched(base, snap)
 
 
-def test_transformer_expand_is_a_clear_error():
+def test_transformer_deepen_is_a_clear_error():
     torch.manual_seed(0)
-    with pytest.raises(TypeError, match=r"model must be an nn.Sequential.*got TinyTransformer"):
+    with pytest.raises(TypeError, match=r"Deepen\('blocks'\) is not supported on TinyTransformer"):
         expand(TinyTransformer(13, 6, 16, 2, 5), Deepen("blocks", init="zero"))
 
 

@@ -4,7 +4,10 @@
 MLP (Linear, BatchNorm1d, LayerNorm, Dropout, elementwise activations) and an ``ExpansionReport``.
 ``Widen`` also grows the channels of ``nn.Conv2d`` layers of a convolutional ``nn.Sequential``
 (BatchNorm2d, pooling, Dropout2d, Flatten + Linear head). ``Deepen("stages.<i>", init="zero")``
-appends residual BasicBlocks to a stage of ``manifold_ext.models.ResNetCNN`` (see ``resnet``).
+appends residual BasicBlocks to a stage of ``manifold_ext.models.ResNetCNN`` and
+``Widen("stages.<i>.<j>.conv1")`` widens a block's inner channels (see ``resnet``).
+On ``manifold_ext.models.TinyTransformer``, ``Widen("blocks.<i>.ff1")`` grows the feed-forward
+width and ``Widen("blocks.<i>.qkv", size=heads, init="zero")`` adds attention heads (see ``transformer``).
 See ``width``, ``conv``, ``depth`` and ``resnet`` for what each initialisation preserves.
 """
 

@@ -11,9 +11,10 @@ from torch import Tensor, nn
 
 from . import _layers as L
 from .depth import deepen_all
-from .resnet import deepen_resnet
+from .resnet import deepen_resnet, widen_resnet
 from .report import ExpansionReport
 from .specs import Deepen, Widen
+from .transformer import widen_transformer
 from .width import widen_all
 
 DEFAULT_CHECK_BATCH = 64
@@ -35,28 +36,33 @@ def expand(
     The preservation error ``max |expanded(x) - base(x)|`` is measured in eval mode on
     ``check_inputs``; when None and the first module is an ``nn.Linear``, on
     ``DEFAULT_CHECK_BATCH`` standard-normal inputs drawn from a fixed seed (so the caller's RNG
-    is untouched); for a ``ResNetCNN``, on 8x8 images drawn the same way. Another convolutional
+    is untouched); for a ``ResNetCNN``, on 8x8 images drawn the same way; for a ``TinyTransformer``,
+    on random token ids of its full ``length``. Another convolutional
     model has no default (its input's spatial size is unknown):
     pass ``check_inputs`` to measure it. Returns ``(expanded_model, ExpansionReport)``.
     """
-    from ..models import ResNetCNN
+    from ..models import ResNetCNN, TinyTransformer
 
     resnet = isinstance(model, ResNetCNN)
-    if not resnet:
+    transformer = isinstance(model, TinyTransformer)
+    if not (resnet or transformer):
         L.children(model)  # the type check, before any work
     for s in specs:
         if not isinstance(s, (Widen, Deepen)):
             raise TypeError(f"expand: each spec must be a Widen or Deepen, got {type(s).__name__}: {s!r}")
-        if resnet and isinstance(s, Widen):
+        if transformer and isinstance(s, Deepen):
             raise TypeError(
-                f"expand: Widen({s.target!r}) is not supported on ResNetCNN (module '' of type ResNetCNN): "
-                "only Deepen('stages.<i>', init='zero'|'random'|'copy') is; Widen supports nn.Sequential models"
+                f"expand: Deepen({s.after!r}) is not supported on TinyTransformer (module '' of type TinyTransformer): "
+                "only Widen('blocks.<i>.ff1') (feed-forward units) and Widen('blocks.<i>.qkv') (attention heads) are"
             )
     new = copy.deepcopy(model)
     changes, touched = [], []
     for s in specs:
-        if resnet:
-            step = deepen_resnet(new, s, generator)
+        if resnet or transformer:
+            if transformer:
+                step = widen_transformer(new, s, generator)
+            else:
+                step = (widen_resnet if isinstance(s, Widen) else deepen_resnet)(new, s, generator)
             touched += [m for m, _ in step]
             changes += [c for _, c in step]
             continue
@@ -83,8 +89,12 @@ def expand(
 
 
 def _default_inputs(model: nn.Module) -> Optional[Tensor]:
-    from ..models import ResNetCNN
+    from ..models import ResNetCNN, TinyTransformer
 
+    if isinstance(model, TinyTransformer):  # token ids of the full length
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, model.tok.num_embeddings, (DEFAULT_CHECK_BATCH, model.length), generator=g)
+        return x.to(model.tok.weight.device)
     if isinstance(model, ResNetCNN):  # built for small images: check on 8x8 ones
         w = model.stem[0].weight
         g = torch.Generator().manual_seed(0)
