@@ -259,11 +259,11 @@ T_ERRORS = [
     (Widen("*", factor=2), ValueError, r"init='net2net' is not supported for attention heads.*target 'blocks.\*.ff1'"),
     (Widen("blocks.0.ff2", factor=2), TypeError, r"module 'blocks.0.ff2' \(Linear\) cannot be widened on TinyTransformer; widenable"),
     (Widen("blocks.0.proj", factor=2, init="zero"), TypeError, r"module 'blocks.0.proj' \(Linear\) cannot be widened"),
-    (Widen("tok", factor=2), TypeError, r"module 'tok' \(Embedding\) cannot be widened on TinyTransformer"),
+    (Widen("pos", factor=2), TypeError, r"module 'pos' \(Embedding\) cannot be widened on TinyTransformer.*'tok' \(the embedding/residual width"),
     (Widen("blocks.9.ff1", factor=2), ValueError, r"'blocks.9.ff1' matches no widenable module of TinyTransformer.*\['blocks.0.ff1', 'blocks.0.qkv'"),
     (Widen("blocks.0.ff1", size=10), ValueError, r"module 'blocks.0.ff1' \(Linear\) has width 64; size must be >= 64, got 10"),
     (Widen("blocks.0.qkv", size=1, init="zero"), ValueError, r"module 'blocks.0.qkv' \(attention heads\) has width 2; size must be >= 2, got 1"),
-    (Deepen("blocks", init="zero"), TypeError, r"Deepen\('blocks'\) is not supported on TinyTransformer"),
+    (Deepen("blocks", init="zero"), TypeError, r"module 'blocks' \(ModuleList\) is not a TransformerBlock of TinyTransformer"),
 ]
 
 

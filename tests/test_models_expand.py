@@ -262,8 +262,8 @@ def test_resnet_errors(spec, exc, msg):
 
 
 def test_transformer_deepen_is_a_clear_error():
-    torch.manual_seed(0)
-    with pytest.raises(TypeError, match=r"Deepen\('blocks'\) is not supported on TinyTransformer"):
+    torch.manual_seed(0)  # Deepen on TinyTransformer names a block (tests/test_expand_transformer_depth.py)
+    with pytest.raises(TypeError, match=r"module 'blocks' \(ModuleList\) is not a TransformerBlock of TinyTransformer"):
         expand(TinyTransformer(13, 6, 16, 2, 5), Deepen("blocks", init="zero"))
 
 

@@ -7,7 +7,8 @@ MLP (Linear, BatchNorm1d, LayerNorm, Dropout, elementwise activations) and an ``
 appends residual BasicBlocks to a stage of ``manifold_ext.models.ResNetCNN`` and
 ``Widen("stages.<i>.<j>.conv1")`` widens a block's inner channels (see ``resnet``).
 On ``manifold_ext.models.TinyTransformer``, ``Widen("blocks.<i>.ff1")`` grows the feed-forward
-width and ``Widen("blocks.<i>.qkv", size=heads, init="zero")`` adds attention heads (see ``transformer``).
+width, ``Widen("blocks.<i>.qkv", size=heads, init="zero")`` adds attention heads and
+``Deepen("blocks.<i>", init="zero")`` inserts function-preserving blocks (see ``transformer``).
 See ``width``, ``conv``, ``depth`` and ``resnet`` for what each initialisation preserves.
 """
 

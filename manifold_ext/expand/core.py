@@ -14,7 +14,7 @@ from .depth import deepen_all
 from .resnet import deepen_resnet, widen_resnet
 from .report import ExpansionReport
 from .specs import Deepen, Widen
-from .transformer import widen_transformer
+from .transformer import deepen_transformer, widen_transformer
 from .width import widen_all
 
 DEFAULT_CHECK_BATCH = 64
@@ -50,17 +50,12 @@ def expand(
     for s in specs:
         if not isinstance(s, (Widen, Deepen)):
             raise TypeError(f"expand: each spec must be a Widen or Deepen, got {type(s).__name__}: {s!r}")
-        if transformer and isinstance(s, Deepen):
-            raise TypeError(
-                f"expand: Deepen({s.after!r}) is not supported on TinyTransformer (module '' of type TinyTransformer): "
-                "only Widen('blocks.<i>.ff1') (feed-forward units) and Widen('blocks.<i>.qkv') (attention heads) are"
-            )
     new = copy.deepcopy(model)
     changes, touched = [], []
     for s in specs:
         if resnet or transformer:
             if transformer:
-                step = widen_transformer(new, s, generator)
+                step = (widen_transformer if isinstance(s, Widen) else deepen_transformer)(new, s, generator)
             else:
                 step = (widen_resnet if isinstance(s, Widen) else deepen_resnet)(new, s, generator)
             touched += [m for m, _ in step]

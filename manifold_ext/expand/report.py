@@ -15,7 +15,8 @@ class LayerChange:
     "deepen", the inserted Linear). ``before``/``after``: ``[in_features, out_features]`` of that Linear
     (``before`` is empty for an inserted layer);
     ``[in_channels, out_channels]`` for a widened Conv2d (``kind="Conv2d"``);
-    ``[residual width, heads]`` for added attention heads (``kind="Attention"``, path ``blocks.<i>.qkv``). ``exact``: the operator preserves the function
+    ``[residual width, heads]`` for added attention heads (``kind="Attention"``, path ``blocks.<i>.qkv``). ``[residual width]`` for the TinyTransformer embedding width (``kind="Embedding"``, path ``tok``);
+    ``[residual width, heads]`` of an inserted block for ``kind="TransformerBlock"`` (path ``blocks.<i>``). ``exact``: the operator preserves the function
     exactly (up to float rounding) for this layer; ``note`` says why or why not. ``detail``:
     operator-specific counts (copied, mean and fresh units; the Sequential index of insertion).
     """

@@ -87,6 +87,9 @@ class Deepen:
     ``nn.Sequential``, which has no residual path for a zero block to sit on. On a
     ``manifold_ext.models.ResNetCNN``, ``after`` names a stage (``"stages.0"``, or a glob) and
     ``init`` is ``"zero"`` (preserving), ``"random"`` or ``"copy"``, see ``resnet``.
+    On a ``manifold_ext.models.TinyTransformer``, ``after`` names a block (``"blocks.0"``, or a glob)
+    and new pre-LN blocks go right after it; ``init`` is ``"zero"`` (preserving), ``"random"`` or
+    ``"copy"``, see ``transformer.deepen_transformer``.
     """
 
     after: str
