@@ -23,28 +23,43 @@ ff zero 0, heads zero 0; tests/test_expand_transformer.py checks 1e-5. ``noise >
 weights and makes the change non-preserving.
 
 * ``"tok"`` (exact path only; globs such as ``"*"`` do not select it): the embedding, i.e. residual,
-  width ``D``, grown to ``k * D`` for an *integer* factor ``k`` (``factor=k``, or ``size`` a multiple
-  of ``D``; anything else is a ValueError for now), ``init="net2net"`` only. Every residual unit
-  ``u`` is duplicated: new unit ``j`` copies unit ``j mod D`` (the D existing units keep their
-  indices; copies follow in order), consistently everywhere the residual stream is read or written:
+  width ``D``, grown to any ``m >= D`` (``factor`` or ``size``). Every place the residual stream
+  is written (``tok``/``pos`` columns, the rows and bias entries of every block's ``proj`` and
+  ``ff2``), normalised (``ln1``, ``ln2``, ``ln_f``) or read (the input columns of every ``qkv``,
+  ``ff1`` and the classifier ``head``) grows consistently; attention width, heads, head_dim, the
+  feed-forward width and reader biases are unchanged. The D existing units keep their indices.
 
-  - writers get their *output* units copied: ``tok.weight`` and ``pos.weight`` columns, the rows
-    (and bias entries) of every block's ``proj`` and ``ff2``; so the residual stream is ``h[g]``;
-  - every LayerNorm (``ln1``, ``ln2`` of each block, ``ln_f``) gets gain and bias copied: the mean
-    and (biased) variance over ``k`` copies of each unit equal those over the originals, so
-    ``LN'(h[g]) = LN(h)[g]``: exact (``eps`` unchanged);
-  - readers get their *input* columns copied and divided by ``k``: ``qkv`` and ``ff1`` of every
-    block and the classifier ``head`` (``sum_j W[:, g(j)] x[g(j)] / k = W x``); their outputs, the
-    attention width, heads and head_dim, the feed-forward width and the biases are unchanged.
+  - ``net2net``: ``m = k*D + r``. New unit ``j < k*D`` copies unit ``j mod D`` (writers' outputs
+    and LayerNorm gain/bias copied, readers' columns divided by ``k``): the LayerNorm mean and
+    variance over ``k`` copies equal those over the originals. The ``r`` remainder units are
+    *mean units* (as ``width.py`` does): their ``tok``/``pos`` column and ``proj``/``ff2`` rows
+    (and bias) are the mean of the existing ones, so, the stream being a sum of linear writes,
+    each holds the per-token mean of the residual units; readers' columns for them are zero. The
+    LayerNorm mean is then unchanged and the variance shrinks by the constant ``s = k*D/m``:
+    every LayerNorm's ``eps`` is multiplied by ``s`` and its (copied) gain by ``sqrt(s)``, which
+    undoes it (mean units normalise to 0 and get gain 1, bias 0). Exact for any factor.
+  - ``zero``: ``k = 1``, all ``m - D`` new units are mean units as above (zero outgoing weights,
+    i.e. zero ``qkv``/``ff1``/``head`` columns): exact. *Literally* zero new residual units (zero
+    embedding columns and ``proj``/``ff2`` rows) are not used: their LayerNorm mean becomes
+    ``D*mu/m`` and the variance gains a ``mu^2`` term, both depending on each token's mean ``mu``,
+    which no constant eps/gain change undoes; measured max error 0.6 (0.25 minimum) over the 40
+    models below at factor 2.
+  - ``random``: new ``tok``/``pos`` columns N(0, 1) (``nn.Embedding``'s init), new ``proj``/``ff2``
+    rows and biases and new reader columns as a fresh ``nn.Linear`` (fan-in ``in_features``,
+    resp. ``m``), new LayerNorm entries gain 1 / bias 0, ``eps`` unchanged: not preserving.
 
-  Exact up to float rounding; measured max error 3.0e-7 (float32, eval, 40 random 2-block width-16
-  models with random LayerNorm parameters, factors 2 and 3, 32 full-length sequences each) and
-  8.9e-7 (200 random 2-block models of residual width 4 and 8, factors 2 to 4);
-  tests/test_expand_transformer_depth.py checks 1e-5. Approximate for a degenerate residual
-  width of 2: a LayerNorm over 2 units outputs +-1 scaled and amplifies rounding (the reordered
-  sums), measured up to 2.7e-5 against a base float32-vs-float64 error of 1.4e-6; use float64 there. ``noise > 0`` adds N(0, noise^2) to the
-  copies (new ``tok``/``pos`` columns, new ``proj``/``ff2`` rows, new ``qkv``/``ff1``/``head``
-  columns): not preserving.
+  Measured max |expanded - base| (float32, eval, 40 random 2-block width-16 models with random
+  LayerNorm parameters, 32 full-length sequences each): net2net factors 2, 3, 1.5 and sizes 20, 40:
+  2.4e-7 each; zero sizes 17, 32, 40: 2.4e-7 each; random: 0.38 to 1.2 (factor 2), 0.21 to 0.81
+  (size 20). Earlier: net2net integer factors, 200 random models of residual width 4 and 8,
+  factors 2 to 4: 8.9e-7. tests/test_expand_embedding.py and tests/test_expand_transformer_depth.py
+  check 1e-5. Approximate for a degenerate residual width of 2: a LayerNorm over 2 units outputs
+  +-1 scaled and amplifies rounding (the reordered sums), measured up to 2.7e-5 against a base
+  float32-vs-float64 error of 1.4e-6; use float64 there. A LayerNorm without a gain
+  (``elementwise_affine=False``) cannot take the ``sqrt(s)`` rescale: with mean units the change
+  is then reported ``exact=False``. ``noise > 0`` adds N(0, noise^2) to every new unit (new
+  ``tok``/``pos`` columns, new ``proj``/``ff2`` rows, new ``qkv``/``ff1``/``head`` columns): not
+  preserving.
 
 ``Deepen(after="blocks.<i>", count=k, init="zero"|"random"|"copy")`` inserts pre-LN blocks after
 block ``i``, see ``deepen_transformer``.
@@ -54,6 +69,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import math
 from collections import OrderedDict
 from typing import Optional
 
@@ -68,7 +84,7 @@ from .width import widen
 
 EMBEDDING = "tok"
 WIDENABLE = ("blocks.<i>.ff1 (feed-forward units), blocks.<i>.qkv (attention heads), "
-             "and by exact path only: 'tok' (the embedding/residual width, net2net, integer factor)")
+             "and by exact path only: 'tok' (the embedding/residual width, net2net, zero or random)")
 
 
 def _candidates(model):
@@ -271,67 +287,95 @@ def deepen_transformer(model, spec: Deepen, generator: Optional[torch.Generator]
 
 
 def _widen_embedding(model, spec: Widen, generator) -> LayerChange:
-    """net2net growth of the residual width by an integer factor, see the module docstring."""
+    """Grow the residual width ``D`` to ``m`` (net2net copies, mean units, fresh units), see the
+    module docstring."""
     D = model.tok.embedding_dim
     path = EMBEDDING
-    if spec.init != "net2net":
-        raise ValueError(
-            f"Widen.target={path!r}: the embedding (residual) width supports only init='net2net' "
-            f"(every unit duplicated, exact through LayerNorm), got init={spec.init!r}"
-        )
-    if spec.factor is not None:
-        f = float(spec.factor)
-        if not f.is_integer():
-            raise ValueError(
-                f"Widen.target={path!r}: the embedding (residual) width needs an integer factor for now "
-                f"(so every unit has the same number of copies and LayerNorm stays exact), got factor={spec.factor!r}"
-            )
-        m = int(f) * D
-    else:
-        m = spec.new_width(path, "Embedding", D)
-        if m % D:
-            raise ValueError(
-                f"Widen.target={path!r}: the embedding (residual) width {D} can only grow to an integer multiple "
-                f"of itself for now (non-integer factors are not supported), got size={spec.size}"
-            )
-    k = m // D
-    g = torch.arange(m) % D
+    m = spec.new_width(path, "Embedding", D)
+    if spec.init == "net2net":
+        k, n_mean, n_fresh = m // D, m % D, 0
+    elif spec.init == "zero":
+        k, n_mean, n_fresh = 1, m - D, 0
+    else:  # random
+        k, n_mean, n_fresh = 1, 0, m - D
+    g = torch.arange(k * D) % D  # source of every copied unit (the D originals first)
+    # Mean units add no deviation from the per-token mean: the variance shrinks by exactly kD/m.
+    shrink = (k * D) / (k * D + n_mean)
     noise = spec.noise
 
-    def noisy(t, dim):  # noise on the copies (indices >= D along dim)
-        if noise and k > 1:
-            sl = [slice(None)] * t.dim()
+    def grow(t, dim, fresh):
+        """``t`` along ``dim``: copies ``t[g]``, ``n_mean`` mean units, ``n_fresh`` from ``fresh(shape)``."""
+        t = t.detach()
+        parts = [t.index_select(dim, g.to(t.device))]
+        if n_mean:
+            shape = list(t.shape)
+            shape[dim] = n_mean
+            parts.append(t.mean(dim, keepdim=True).expand(shape))
+        if n_fresh:
+            shape = list(t.shape)
+            shape[dim] = n_fresh
+            parts.append(fresh(tuple(shape)))
+        out = torch.cat(parts, dim).clone()
+        if noise and m > D:
+            sl = [slice(None)] * out.dim()
             sl[dim] = slice(D, None)
-            t[tuple(sl)] += L.gaussian(t[tuple(sl)].shape, noise, t, generator)
-        return t
+            out[tuple(sl)] += L.gaussian(out[tuple(sl)].shape, noise, out, generator)
+        return out
 
+    gain_ok = True
     with torch.no_grad():
         for emb in (model.tok, model.pos):
-            L.replace_param(emb, "weight", noisy(emb.weight.detach()[:, g.to(emb.weight.device)].clone(), 1))
+            w = emb.weight
+            # nn.Embedding's default init: N(0, 1)
+            L.replace_param(emb, "weight", grow(w, 1, lambda s: L.gaussian(s, 1.0, w, generator)))
             emb.embedding_dim = m
         lns = [model.ln_f] + [ln for b in model.blocks for ln in (b.ln1, b.ln2)]
         for ln in lns:
-            for name in ("weight", "bias"):
-                t = getattr(ln, name)
-                if t is not None:
-                    L.replace_param(ln, name, t.detach()[g.to(t.device)].clone())
+            extra = m - k * D
+            if ln.weight is not None:
+                w = ln.weight.detach()
+                L.replace_param(ln, "weight", torch.cat([w[g.to(w.device)] * math.sqrt(shrink), w.new_ones(extra)]))
+            elif shrink != 1.0:
+                gain_ok = False
+            if ln.bias is not None:
+                b = ln.bias.detach()
+                L.replace_param(ln, "bias", torch.cat([b[g.to(b.device)], b.new_zeros(extra)]))
+            ln.eps = ln.eps * shrink
             ln.normalized_shape = (m,)
         writers = [lin for b in model.blocks for lin in (b.proj, b.ff2)]
         for lin in writers:
-            w, b = lin.weight.detach(), lin.bias
-            gi = g.to(w.device)
-            L.resize_linear(lin, noisy(w[gi].clone(), 0), None if b is None else b.detach()[gi].clone())
+            w, b = lin.weight, lin.bias
+            bound = L.fresh_bound(lin.in_features)
+            new_b = None if b is None else grow(b, 0, lambda s: L.uniform(s, bound, b, generator))
+            L.resize_linear(lin, grow(w, 0, lambda s: L.uniform(s, bound, w, generator)), new_b)
         readers = [lin for b in model.blocks for lin in (b.qkv, b.ff1)] + [model.head]
         for lin in readers:
             w = lin.weight.detach()
-            L.resize_linear(lin, noisy(w[:, g.to(w.device)] / k, 1), lin.bias)
-    exact = not noise or k == 1
-    note = ("net2net: every residual unit duplicated %d times (embeddings, LayerNorms, proj/ff2 rows; "
-            "qkv/ff1/head columns divided by %d): exact" % (k, k))
-    if not exact:
-        note += f"; noise std {noise}: not preserving"
+            cols = [w[:, g.to(w.device)] / k]
+            if spec.init == "random":
+                cols.append(L.uniform((w.shape[0], n_fresh), L.fresh_bound(m), w, generator))
+            else:
+                cols.append(w.new_zeros(w.shape[0], n_mean))
+            new_w = torch.cat(cols, 1)
+            if noise and m > D:
+                new_w[:, D:] += L.gaussian((w.shape[0], m - D), noise, w, generator)
+            L.resize_linear(lin, new_w, lin.bias)
+    if spec.init == "random" and m > D:
+        exact, note = False, "random: fresh residual units (embedding columns, proj/ff2 rows, qkv/ff1/head columns): not preserving"
+    else:
+        parts = []
+        if k > 1:
+            parts.append(f"every residual unit duplicated {k} times (qkv/ff1/head columns divided by {k})")
+        if n_mean:
+            parts.append(f"{n_mean} mean units (embedding columns and proj/ff2 rows the mean of the existing ones, "
+                         f"zero qkv/ff1/head columns; LayerNorm eps x{shrink:.6g}, gains x sqrt of that)")
+        exact = gain_ok
+        note = f"{spec.init}: " + ("; ".join(parts) or "unchanged width") + (": exact" if exact else
+                                                                          ": a LayerNorm without gain: not preserving")
+    if noise and m > D:
+        exact, note = False, note + f"; noise std {noise}: not preserving"
     return LayerChange(
         op="widen", path=path, kind="Embedding", init=spec.init, before=[D], after=[m], exact=exact, note=note,
-        detail={"residual_width": [D, m], "copies": k, "layernorms": len(lns),
-                "writers": len(writers) + 2, "readers": len(readers)},
+        detail={"residual_width": [D, m], "copies": k, "mean_units": n_mean, "fresh": n_fresh,
+                "eps_scale": shrink, "layernorms": len(lns), "writers": len(writers) + 2, "readers": len(readers)},
     )
