@@ -10,9 +10,10 @@
 All are built only from standard layers, so they run under ``torch.func.functional_call`` and
 ``vmap`` (``manifold_ext.engine``). ``manifold_ext.expand`` widens/deepens :func:`mlp` models
 (they are ``nn.Sequential``), deepens :class:`ResNetCNN` stages (``Deepen("stages.0", init="zero")``)
-and widens their blocks' inner channels (``Widen("stages.0.0.conv1", ...)``), and widens a
+widens their blocks' inner channels (``Widen("stages.0.0.conv1", ...)``) and a stage's residual width
+(``Widen("stages.0", ...)``), and widens a
 :class:`TinyTransformer`'s feed-forward width (``Widen("blocks.0.ff1", ...)``) and attention heads
-(``Widen("blocks.0.qkv", size=heads, init="zero")``).
+(``Widen("blocks.0.qkv", size=heads, init="net2net"|"zero"|"random")``).
 """
 
 from __future__ import annotations

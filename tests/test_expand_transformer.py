@@ -195,12 +195,11 @@ def test_property_transformer(width_heads, depth, ff, ff_size, new_heads, init, 
     base = transformer(seed % 1000, width=width, heads=heads, depth=depth, ff_width=ff)
     snap = snapshot(base)
     specs = [Widen("blocks.*.ff1", size=ff + ff_size, init=init),
-             Widen("blocks.*.qkv", size=heads + new_heads, init="random" if init == "random" else "zero")]
+             Widen("blocks.*.qkv", size=heads + new_heads, init=init)]
     new, report = expand(base, *specs, generator=gen(seed))
     assert_untouched(base, snap)
     assert new(tokens(4, T=3)).shape == (4, 5)
-    grew = ff_size > 0 or new_heads > 0
-    if init == "random" and grew:
+    if init == "random":  # reported not preserving even when nothing grew (as width.widen does)
         assert not report.preserving
     else:
         assert report.preserving and report.preservation_error <= TOL
@@ -255,8 +254,6 @@ def test_resnet_train_mode_and_base_mode_kept():
 # --- errors -------------------------------------------------------------------------------------
 
 T_ERRORS = [
-    (Widen("blocks.0.qkv", size=4), ValueError, r"init='net2net' is not supported for attention heads \('blocks.0.qkv'\).*use init='zero'"),
-    (Widen("*", factor=2), ValueError, r"init='net2net' is not supported for attention heads.*target 'blocks.\*.ff1'"),
     (Widen("blocks.0.ff2", factor=2), TypeError, r"module 'blocks.0.ff2' \(Linear\) cannot be widened on TinyTransformer; widenable"),
     (Widen("blocks.0.proj", factor=2, init="zero"), TypeError, r"module 'blocks.0.proj' \(Linear\) cannot be widened"),
     (Widen("pos", factor=2), TypeError, r"module 'pos' \(Embedding\) cannot be widened on TinyTransformer.*'tok' \(the embedding/residual width"),
@@ -277,7 +274,7 @@ def test_transformer_errors(spec, exc, msg):
 
 
 R_ERRORS = [
-    (Widen("stages.0", factor=2), TypeError, r"module 'stages.0' \(Sequential\) cannot be widened on ResNetCNN; widenable: BasicBlock inner channels"),
+    (Widen("stages.0.0", factor=2), TypeError, r"module 'stages.0.0' \(BasicBlock\) cannot be widened on ResNetCNN; widenable: BasicBlock inner channels"),
     (Widen("stages.0.0.conv2", factor=2), TypeError, r"module 'stages.0.0.conv2' \(Conv2d\) cannot be widened"),
     (Widen("stem.0", factor=2), TypeError, r"module 'stem.0' \(Conv2d\) cannot be widened on ResNetCNN"),
     (Widen("stages.5.0.conv1", factor=2), ValueError, r"matches no widenable module of ResNetCNN.*\['stages.0.0.conv1', 'stages.1.0.conv1'\]"),

@@ -81,7 +81,9 @@ def test_gradients_match_reference_float32(device, shape):
     torch.autograd.backward(mx.interp_linear(*a1), g)
     torch.autograd.backward(ref.interp_linear(*a2), g.double())
     for p, q in zip(a1, a2):
-        torch.testing.assert_close(p.grad.double(), q.grad, rtol=1e-4, atol=1e-4)
+        # float32 sums over up to 1031 * 40 terms: absolute error relative to the gradient's scale.
+        scale = q.grad.abs().max().item()
+        torch.testing.assert_close(p.grad.double(), q.grad, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -248,7 +248,7 @@ ERRORS = [
     (Deepen("stem", init="zero"), TypeError, r"module 'stem' \(Sequential\) is not a stage of ResNetCNN"),
     (Deepen("stages.0.0", init="zero"), TypeError, r"module 'stages.0.0' \(BasicBlock\) is not a stage"),
     (Deepen("head", init="zero"), TypeError, r"module 'head' \(Linear\) is not a stage"),
-    (Widen("stages.0", factor=2), TypeError, r"module 'stages.0' \(Sequential\) cannot be widened on ResNetCNN"),
+    (Widen("stages.0.0", factor=2), TypeError, r"module 'stages.0.0' \(BasicBlock\) cannot be widened on ResNetCNN"),
 ]
 
 
