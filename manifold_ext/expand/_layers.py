@@ -58,6 +58,21 @@ def select(kids: Children, pattern: str, arg: str) -> List[int]:
     return hits
 
 
+def match_insertion_points(model: nn.Module, after: str, paths: List[str], *, not_one: str,
+                           listing: str) -> List[str]:
+    """The paths among ``paths`` (the places a Deepen may insert after) that ``after`` names,
+    exactly or as a glob. None: a TypeError when ``after`` is some other module (``not_one``
+    says what it is not), else a ValueError; both list ``paths`` (``listing`` introduces them)."""
+    hits = [p for p in paths if p == after] or [p for p in paths if fnmatch.fnmatchcase(p, after)]
+    if hits:
+        return hits
+    mods = dict(model.named_modules())
+    if after in mods:
+        raise TypeError(f"Deepen.after={after!r}: module {after!r} ({kind(mods[after])}) is not "
+                        f"{not_one}: {paths}")
+    raise ValueError(f"Deepen.after={after!r} matches no {listing} {paths}")
+
+
 def is_pattern(s: str) -> bool:
     return any(c in s for c in "*?[")
 

@@ -50,7 +50,6 @@ checks 1e-5 (train mode too for net2net: copies have identical batch statistics)
 from __future__ import annotations
 
 import copy
-import fnmatch
 from typing import List, Optional
 
 import torch
@@ -107,17 +106,10 @@ def deepen_resnet(model, spec: Deepen, generator: Optional[torch.Generator]) -> 
             "use init='zero' (a residual BasicBlock with zero last-BatchNorm gamma: function-preserving), "
             "'random' or 'copy'"
         )
-    paths = stage_paths(model)
-    hits = [p for p in paths if p == spec.after] or [p for p in paths if fnmatch.fnmatchcase(p, spec.after)]
-    if not hits:
-        mods = dict(model.named_modules())
-        if spec.after in mods:
-            m = mods[spec.after]
-            raise TypeError(
-                f"Deepen.after={spec.after!r}: module {spec.after!r} ({L.kind(m)}) is not a stage of ResNetCNN; "
-                f"blocks can only be appended to a stage: {paths}"
-            )
-        raise ValueError(f"Deepen.after={spec.after!r} matches no stage of ResNetCNN; its stages are {paths}")
+    hits = L.match_insertion_points(
+        model, spec.after, stage_paths(model),
+        not_one="a stage of ResNetCNN; blocks can only be appended to a stage",
+        listing="stage of ResNetCNN; its stages are")
     changes = []
     for p in hits:
         stage = model.stages._modules[p.split(".", 1)[1]]

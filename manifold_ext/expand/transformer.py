@@ -273,17 +273,10 @@ def deepen_transformer(model, spec: Deepen, generator: Optional[torch.Generator]
             f"Deepen.after={spec.after!r}: init='identity' inserts a plain layer, which TinyTransformer does not take; "
             "use init='zero' (a pre-LN block with zero proj and ff2: function-preserving), 'random' or 'copy'"
         )
-    paths = block_paths(model)
-    hits = [p for p in paths if p == spec.after] or [p for p in paths if fnmatch.fnmatchcase(p, spec.after)]
-    if not hits:
-        mods = dict(model.named_modules())
-        if spec.after in mods:
-            m = mods[spec.after]
-            raise TypeError(
-                f"Deepen.after={spec.after!r}: module {spec.after!r} ({L.kind(m)}) is not a TransformerBlock of "
-                f"TinyTransformer; blocks can only be inserted after a block: {paths}"
-            )
-        raise ValueError(f"Deepen.after={spec.after!r} matches no block of TinyTransformer; its blocks are {paths}")
+    hits = L.match_insertion_points(
+        model, spec.after, block_paths(model),
+        not_one="a TransformerBlock of TinyTransformer; blocks can only be inserted after a block",
+        listing="block of TinyTransformer; its blocks are")
     old = list(model.blocks)
     new_list, out = [], []
     for i, prev in enumerate(old):
