@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from manifold_ext.expand import Deepen, ExpansionReport, Widen, expand, preservation_error
+from _untouched import assert_untouched, snapshot
 
 TOL = 1e-5
 FAST = settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
@@ -83,19 +84,6 @@ def tolerance(model, x=None):
         ref = copy.deepcopy(model).double().eval()(x.double())
         own = (model.eval()(x).double() - ref).abs().max().item()
     return max(TOL, 10 * own)
-
-
-def snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()]
-
-
-def assert_untouched(model, snap):
-    state, modes = snap
-    now = model.state_dict()
-    assert now.keys() == state.keys()
-    for k, v in state.items():
-        assert now[k].shape == v.shape and torch.equal(now[k], v), k
-    assert [m.training for m in model.modules()] == modes
 
 
 def assert_consistent(model, base, report):

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from manifold_ext.expand import ExpansionReport, Widen, expand, preservation_error
+from _untouched import assert_untouched, snapshot
 
 TOL = 1e-5
 FAST = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
@@ -85,19 +86,6 @@ def conv_targets(model):
     kids = list(model.named_children())
     return [n for k, (n, m) in enumerate(kids)
             if isinstance(m, nn.Conv2d) and any(isinstance(x, (nn.Conv2d, nn.Linear)) for _, x in kids[k + 1:])]
-
-
-def snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()]
-
-
-def assert_untouched(model, snap):
-    state, modes = snap
-    now = model.state_dict()
-    assert now.keys() == state.keys()
-    for k, v in state.items():
-        assert now[k].shape == v.shape and torch.equal(now[k], v), k
-    assert [m.training for m in model.modules()] == modes
 
 
 def check_shapes(new, path, m):

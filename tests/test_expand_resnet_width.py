@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from manifold_ext.expand import Deepen, Widen, expand, preservation_error
+from manifold_ext.expand import Deepen, Widen, expand
 from test_expand_transformer import assert_untouched, gen, images, resnet, snapshot
 
 TOL = 1e-5

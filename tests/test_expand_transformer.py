@@ -15,6 +15,7 @@ from torch import nn
 
 from manifold_ext.expand import Deepen, ExpansionReport, Widen, expand, preservation_error
 from manifold_ext.models import ResNetCNN, TinyTransformer
+from _untouched import assert_untouched, snapshot
 
 TOL = 1e-5
 VOCAB, LENGTH = 13, 6
@@ -50,19 +51,6 @@ def tokens(n=32, T=LENGTH, seed=1):
 
 def images(n=32, seed=1):
     return torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
-
-
-def snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()]
-
-
-def assert_untouched(model, snap):
-    state, modes = snap
-    now = model.state_dict()
-    assert now.keys() == state.keys()
-    for k, v in state.items():
-        assert torch.equal(now[k], v), k
-    assert [m.training for m in model.modules()] == modes
 
 
 def n_params(m):

@@ -1,6 +1,5 @@
 """manifold_ext.models (mlp, ResNetCNN, TinyTransformer): shapes, the engine on them, and Deepen on ResNetCNN."""
 
-import copy
 import json
 
 import pytest
@@ -10,6 +9,7 @@ from torch import nn
 from manifold_ext.engine import evaluate
 from manifold_ext.expand import Deepen, ExpansionReport, Widen, expand, preservation_error
 from manifold_ext.models import BasicBlock, ResNetCNN, TinyTransformer, mlp
+from _untouched import assert_untouched, snapshot
 
 TOL = 1e-5
 
@@ -39,19 +39,6 @@ def images(n=32, c=1, seed=1):
 
 def n_params(m):
     return sum(p.numel() for p in m.parameters())
-
-
-def snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()]
-
-
-def assert_untouched(model, snap):
-    state, modes = snap
-    now = model.state_dict()
-    assert now.keys() == state.keys()
-    for k, v in state.items():
-        assert torch.equal(now[k], v), k
-    assert [m.training for m in model.modules()] == modes
 
 
 # ---------------------------------------------------------------- shapes
