@@ -50,7 +50,8 @@ Tensor vertex_outputs(const Interp& p, const OptTensor& bias = c10::nullopt) {
   Tensor z = (bias.has_value() && bias->defined())
                  ? at::addmm(bias->reshape({p.K * p.J}), p.x, p.w.view({p.K * p.J, p.R}).t())
                  : at::mm(p.x, p.w.view({p.K * p.J, p.R}).t());
-  return z.view({p.N, p.K, p.J}).permute({1, 0, 2}).reshape({p.K, p.N * p.J}).to(p.op_t);
+  // contiguous: for out = 1 the reshape is a strided view, and the mixing reads rows densely.
+  return z.view({p.N, p.K, p.J}).permute({1, 0, 2}).reshape({p.K, p.N * p.J}).to(p.op_t).contiguous();
 }
 
 Tensor per_point_x(const Interp& p) {

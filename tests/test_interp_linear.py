@@ -10,13 +10,16 @@ from _inputs import interp_inputs
 from conftest import DEVICE_DTYPES, DEVICES, tol
 
 # (B, N, in, out, K): odd sizes that are multiples of no tile, K = 1, B = 1, N = 1, N = 0, B = 0,
-# and layers large enough that the CPU kernel splits the outputs into several chunks, with few
+# out = 1 (a regression head: its shared-input vertex outputs are a strided view), and layers
+# large enough that the CPU kernel splits the outputs into several chunks, with few
 # examples per point (one product of all vertices, then a mix) and with many (weights per point).
 SHAPES = [
     (5, 7, 13, 11, 3),
     (1, 9, 17, 5, 1),
     (4, 1, 3, 33, 2),
     (3, 0, 6, 4, 2),
+    (3, 12, 6, 1, 2),
+    (1, 7, 9, 1, 3),
     (0, 5, 6, 4, 2),
     (2, 3, 1031, 700, 2),
     (3, 67, 65, 129, 4),
