@@ -52,6 +52,13 @@ def _check_coeffs(coeffs: Tensor, K: int) -> Tensor:
     return coeffs
 
 
+def _check_names(model: nn.Module, stacked: P.State) -> None:
+    for name in P.state_of(model):
+        if name not in stacked:
+            raise ValueError(f"the vertices have no tensor {name!r}, which the model has: are they "
+                             f"of another architecture?")
+
+
 def _check_data(data) -> Tuple[Tensor, Tensor]:
     try:
         x, y = data
@@ -126,11 +133,19 @@ def _bn_forward(module: _BN, mode_ref: List[str], collected: List[Tensor]):
     return forward
 
 
+def _mse_sum(out: Tensor, y: Tensor) -> Tensor:
+    """Squared error summed over examples and averaged over outputs, so that its mean over the
+    examples is ``F.mse_loss``'s mean over all elements."""
+    out = out.reshape(len(y), -1)
+    return (out - y.reshape(out.shape).to(out.dtype)).pow(2).mean(1).sum()
+
+
 class _Fused:
     """The model prepared once for fused evaluation: which modules are interpolated how."""
 
     def __init__(self, model: nn.Module, stacked: P.State, loss: str):
         self.model = model
+        self.loss = loss
         self.stacked = stacked
         self.coeffs_ref: List[Tensor] = [torch.empty(0)]
         self.mode_ref = ["apply"]
@@ -177,6 +192,8 @@ class _Fused:
             h = functional_call(self.body, p, (x,), strict=False)
             if mode == "collect":
                 return tuple(self.collected)
+            if self.loss == "mse":
+                return _mse_sum(h, y), torch.zeros((), dtype=torch.int64, device=h.device)
             if self.head is not None:
                 W = self.stacked[f"{self.head}.weight"]
                 b = self.stacked.get(f"{self.head}.bias")
@@ -191,6 +208,22 @@ class _Fused:
                 f"the fused engine could not evaluate {type(self.model).__name__} under "
                 f"torch.func.vmap ({type(err).__name__}: {err}); use evaluate(..., "
                 "engine='loop'), which runs any model one point at a time") from err
+
+
+    def recompute_bn(self, coeffs: Tensor, mat: P.State, x: Tensor, y: Tensor, ex_chunks) -> None:
+        """Replace the running statistics in ``mat`` by those of the data, per point, as
+        ``update_bn`` computes them: each chunk normalised by its own statistics, the running
+        statistics their plain average."""
+        if not self.bn_names:
+            return
+        sums = None
+        for e0, e1 in ex_chunks:
+            stats = self.run(coeffs, mat, x[e0:e1], y[e0:e1], "collect")
+            sums = list(stats) if sums is None else [s + t for s, t in zip(sums, stats)]
+        for i, name in enumerate(self.bn_names):
+            pre = f"{name}." if name else ""
+            mat[pre + "running_mean"] = sums[2 * i] / len(ex_chunks)
+            mat[pre + "running_var"] = sums[2 * i + 1] / len(ex_chunks)
 
 
 def _chunks(n: int, size: Optional[int]):
@@ -233,9 +266,16 @@ def _progress(total: int, quiet: bool, desc: str):
                 disable=quiet or not sys.stderr.isatty())
 
 
-def _evaluate_fused(model, stacked, coeffs, x, y, *, bn, batch_size, max_memory, points_per_chunk,
-                    quiet):
-    fused = _Fused(model, stacked, "cross_entropy")
+def _check_options(loss: str, bn: str) -> None:
+    if loss not in ("cross_entropy", "mse"):
+        raise ValueError(f"loss must be 'cross_entropy' or 'mse', got {loss!r}")
+    if bn not in ("recompute", "interpolate"):
+        raise ValueError(f"bn must be 'recompute' or 'interpolate', got {bn!r}")
+
+
+def _evaluate_fused(model, stacked, coeffs, x, y, *, loss, bn, batch_size, max_memory,
+                    points_per_chunk, quiet):
+    fused = _Fused(model, stacked, loss)
     B = coeffs.shape[0]
     n_ex = len(x)
     ex_chunks = _chunks(n_ex, batch_size)
@@ -250,17 +290,8 @@ def _evaluate_fused(model, stacked, coeffs, x, y, *, bn, batch_size, max_memory,
         for p0, p1 in _chunks(B, points_per_chunk):
             c = coeffs[p0:p1]
             mat = fused.materialise(c)
-            if bn == "recompute" and fused.bn_names:
-                # Statistics of the evaluation data, per point, as update_bn computes them:
-                # each chunk normalised by its own statistics, running stats their plain average.
-                sums = None
-                for e0, e1 in ex_chunks:
-                    stats = fused.run(c, mat, x[e0:e1], y[e0:e1], "collect")
-                    sums = list(stats) if sums is None else [s + t for s, t in zip(sums, stats)]
-                for i, name in enumerate(fused.bn_names):
-                    pre = f"{name}." if name else ""
-                    mat[pre + "running_mean"] = sums[2 * i] / len(ex_chunks)
-                    mat[pre + "running_var"] = sums[2 * i + 1] / len(ex_chunks)
+            if bn == "recompute":
+                fused.recompute_bn(c, mat, x, y, ex_chunks)
             for e0, e1 in ex_chunks:
                 ls, cor = fused.run(c, mat, x[e0:e1], y[e0:e1], "apply")
                 loss_sum[p0:p1] += ls.double()
@@ -275,7 +306,7 @@ def _evaluate_fused(model, stacked, coeffs, x, y, *, bn, batch_size, max_memory,
 # ----------------------------------------------------------------------------- loop engine
 
 
-def _evaluate_loop(model, stacked, coeffs, x, y, *, bn, batch_size, quiet):
+def _evaluate_loop(model, stacked, coeffs, x, y, *, loss, bn, batch_size, quiet):
     m = copy.deepcopy(model)
     keys = set(m.state_dict().keys())
     has_bn = any(isinstance(mod, _BN) for mod in m.modules())
@@ -294,6 +325,9 @@ def _evaluate_loop(model, stacked, coeffs, x, y, *, bn, batch_size, quiet):
         with torch.no_grad():
             for e0, e1 in chunks:
                 logits = m(x[e0:e1])
+                if loss == "mse":
+                    loss_sum[b] += _mse_sum(logits.double(), y[e0:e1])
+                    continue
                 logits = logits.reshape(-1, logits.shape[-1])
                 t = y[e0:e1].reshape(-1)
                 loss_sum[b] += F.cross_entropy(logits.double(), t, reduction="sum")
@@ -328,7 +362,9 @@ def evaluate(
             naming the first offending parameter).
         coeffs: (B, K) coefficients; values outside [0, 1] extrapolate.
         data: (inputs, targets), evaluated in chunks of ``batch_size`` examples (default all).
-        loss: ``"cross_entropy"`` (summed over examples, reported as a mean).
+        loss: ``"cross_entropy"`` (targets are class indices), or ``"mse"`` (targets are
+            ``(N, outputs)`` floats, or ``(N,)`` for one output; the loss is ``F.mse_loss``'s
+            mean over all elements, and accuracy is NaN).
         bn: ``"recompute"`` (default): BatchNorm statistics of every point recomputed from the
             data, as ``torch.optim.swa_utils.update_bn`` does; ``"interpolate"``: the vertices'
             running statistics mixed like every other buffer.
@@ -343,30 +379,67 @@ def evaluate(
         non-zero weight on a vertex holding NaN or Inf gets NaN (with a warning naming the
         parameter); the other points are unaffected.
     """
-    if loss != "cross_entropy":
-        raise ValueError(f"loss must be 'cross_entropy', got {loss!r}")
-    if bn not in ("recompute", "interpolate"):
-        raise ValueError(f"bn must be 'recompute' or 'interpolate', got {bn!r}")
+    _check_options(loss, bn)
     if engine not in ("fused", "loop"):
         raise ValueError(f"engine must be 'fused' or 'loop', got {engine!r}")
     start = time.perf_counter()
     stacked = P.stack(vertices)
+    _check_names(model, stacked)
     first = next(iter(stacked.values()))
     coeffs = _check_coeffs(coeffs, first.shape[0]).to(first.device)
     x, y = _check_data(data)
     stacked = {n: t.clone() for n, t in stacked.items()}
     bad = _non_finite(stacked, coeffs)
     if engine == "fused":
-        loss_sum, correct = _evaluate_fused(model, stacked, coeffs, x, y, bn=bn, batch_size=batch_size,
+        loss_sum, correct = _evaluate_fused(model, stacked, coeffs, x, y, loss=loss, bn=bn,
+                                            batch_size=batch_size,
                                             max_memory=max_memory, points_per_chunk=points_per_chunk,
                                             quiet=quiet)
     else:
-        loss_sum, correct = _evaluate_loop(model, stacked, coeffs, x, y, bn=bn, batch_size=batch_size,
+        loss_sum, correct = _evaluate_loop(model, stacked, coeffs, x, y, loss=loss, bn=bn,
+                                           batch_size=batch_size,
                                            quiet=quiet)
-    n_rows = y.numel()
+    n_rows = len(y) if loss == "mse" else y.numel()
     mean = loss_sum / n_rows
     acc = correct.double() / n_rows
     mean[bad] = float("nan")
     acc[bad] = float("nan")
+    if loss == "mse":
+        acc[:] = float("nan")
     return Evaluation(loss=mean, accuracy=acc, n_examples=len(x),
                       seconds=time.perf_counter() - start)
+
+
+def point_losses(
+    model: nn.Module,
+    stacked: P.State,
+    coeffs: Tensor,
+    data: Tuple[Tensor, Tensor],
+    *,
+    loss: str = "cross_entropy",
+    bn: str = "recompute",
+) -> Tensor:
+    """Differentiable mean loss at every point ``sum_k coeffs[b, k] * vertex_k``, shape (B,).
+
+    The training-time counterpart of :func:`evaluate`: one fused pass over all B points and the
+    whole of ``data`` (a minibatch), no chunking, no NaN screening, and gradients flow to any
+    tensor of ``stacked`` (``name -> (K, *shape)``, e.g. from :func:`manifold_ext.params.stack`
+    with some vertices replaced by tensors that require grad) and to ``coeffs``, through the
+    fused ops' backward. ``loss`` and ``bn`` are as in :func:`evaluate`.
+    """
+    _check_options(loss, bn)
+    _check_names(model, stacked)
+    first = next(iter(stacked.values()))
+    coeffs = _check_coeffs(coeffs, first.shape[0]).to(first.device)
+    x, y = _check_data(data)
+    fused = _Fused(model, stacked, loss)
+    was_training = model.training
+    model.eval()
+    try:
+        mat = fused.materialise(coeffs)
+        if bn == "recompute":
+            fused.recompute_bn(coeffs, mat, x, y, [(0, len(x))])
+        loss_sum, _ = fused.run(coeffs, mat, x, y, "apply")
+    finally:
+        model.train(was_training)
+    return loss_sum / (len(y) if loss == "mse" else y.numel())

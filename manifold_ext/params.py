@@ -176,3 +176,38 @@ def simplex_log_volume(vertices: Sequence[State], *, names: Optional[Iterable[st
     if d.min().item() <= max(P, k) * torch.finfo(torch.float64).eps * longest:
         return -math.inf
     return d.log().sum().item() - math.lgamma(k + 1)
+
+
+def simplex_weights(n: int, k: int, *, generator: Optional[torch.Generator] = None) -> Tensor:
+    """``(n, k)`` float64 barycentric weights drawn uniformly from the (k-1)-simplex
+    (Dirichlet(1): normalised standard exponentials)."""
+    e = -torch.log(torch.rand(n, k, generator=generator, dtype=torch.float64))
+    return e / e.sum(1, keepdim=True)
+
+
+def filter_norms(center: State, names: Iterable[str]) -> State:
+    """The norm of every filter of ``center`` (each slice along dim 0 of a tensor of two or more
+    dimensions; the whole tensor for one of fewer), shaped to broadcast against the tensor:
+    ``(rows, 1, ...)`` or ``()``. Float64.
+
+    A norm below 1e-6 of its tensor's RMS filter norm (the zero-initialised units of an
+    expansion) is replaced by that RMS, and a tensor that is zero throughout takes the median
+    filter norm of the others, so that every unit has a finite, positive scale."""
+    out, zero = {}, []
+    for n in names:
+        w = center[n].double()
+        rows = w.reshape(w.shape[0], -1) if w.dim() > 1 else w.reshape(1, -1)
+        norms = rows.norm(dim=1)
+        rms = norms.pow(2).mean().sqrt()
+        if rms.item() == 0.0:
+            zero.append(n)
+        norms = torch.where(norms < 1e-6 * rms, rms, norms)
+        out[n] = norms.reshape([-1] + [1] * (w.dim() - 1)) if w.dim() > 1 else norms.reshape(())
+    if zero:
+        nonzero = [t.reshape(-1) for n, t in out.items() if n not in zero]
+        if not nonzero:
+            raise ValueError("every tensor of center is zero: filter units are undefined; use raw units")
+        fill = torch.cat(nonzero).median()
+        for n in zero:
+            out[n] = torch.full_like(out[n], fill.item())
+    return out

@@ -286,8 +286,7 @@ def simplex(vertices: Sequence, data, *, n: int = 256, complex: Optional[Sequenc
     W = torch.zeros(n, K, dtype=torch.float64)
     for j, s in enumerate(simplices):
         rows = (which == j).nonzero().flatten()
-        e = -torch.log(torch.rand(len(rows), len(s), generator=g, dtype=torch.float64))
-        W[rows[:, None], torch.tensor(s)] = e / e.sum(1, keepdim=True)
+        W[rows[:, None], torch.tensor(s)] = P.simplex_weights(len(rows), len(s), generator=g)
     ev = _eval(model, vertices, W, data, kw)
     return SimplexResult(weights=W.tolist(), simplex=which.tolist(), loss=ev.loss.tolist(),
                          accuracy=ev.accuracy.tolist(), log_volumes=logv,

@@ -134,8 +134,140 @@ def test_model_that_cannot_vmap_suggests_loop():
 @pytest.mark.parametrize("arg,value,msg", [
     ("bn", "none", "bn must be 'recompute' or 'interpolate', got 'none'"),
     ("engine", "jit", "engine must be 'fused' or 'loop', got 'jit'"),
-    ("loss", "mse", "loss must be 'cross_entropy', got 'mse'"),
+    ("loss", "nll", "loss must be 'cross_entropy' or 'mse', got 'nll'"),
 ])
 def test_option_errors(arg, value, msg):
     with pytest.raises(ValueError, match=msg):
         engine.evaluate(mlp(0), [mlp(0)], _coeffs(1, 1), _digits(5), **{arg: value})
+
+
+def test_vertices_of_another_architecture_are_named():
+    other = nn.Linear(64, 10)
+    with pytest.raises(ValueError, match=r"the vertices have no tensor '0.weight', which the model has"):
+        engine.evaluate(mlp(0), [other.state_dict()], _coeffs(1, 1), _digits(5))
+
+
+# ----------------------------------------------------------------------------- mse
+
+
+def _regression(n=23, seed=0, outputs=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 64, generator=g), torch.randn(n, outputs, generator=g)
+
+
+@pytest.mark.parametrize("case", ["mlp", "cnn_bn", "bare_linear"])
+@pytest.mark.parametrize("bn", ["recompute", "interpolate"])
+def test_mse_fused_equals_loop_and_definition(case, bn):
+    x, y = _regression()
+    if case == "mlp":
+        vertices = [mlp(s, widths=(64, 9, 2)) for s in range(3)]
+    elif case == "cnn_bn":
+        vertices = [nn.Sequential(*list(randomise_bn(cnn(s), s))[:-1], nn.Linear(128, 2)) for s in range(3)]
+        x = x.reshape(-1, 1, 8, 8)
+    else:
+        vertices = [nn.Linear(64, 2) for _ in range(3)]
+    coeffs = _coeffs(5, 3)
+    fused = engine.evaluate(vertices[0], vertices, coeffs, (x, y), loss="mse", bn=bn)
+    loop = engine.evaluate(vertices[0], vertices, coeffs, (x, y), loss="mse", bn=bn, engine="loop")
+    torch.testing.assert_close(fused.loss, loop.loss, rtol=1e-5, atol=1e-7, equal_nan=True)  # see _close
+    assert torch.isfinite(fused.loss).sum() >= 3
+    assert torch.isnan(fused.accuracy).all() and torch.isnan(loop.accuracy).all()
+    one = engine.evaluate(vertices[0], vertices, torch.tensor([[0.0, 1.0, 0.0]]), (x, y), loss="mse",
+                          bn="interpolate")
+    with torch.no_grad():
+        vertices[1].eval()
+        expected = nn.functional.mse_loss(vertices[1](x), y)
+    torch.testing.assert_close(one.loss[0].float(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_mse_single_output_takes_flat_targets():
+    x, y = _regression(outputs=1)
+    vertices = [nn.Linear(64, 1) for _ in range(2)]
+    coeffs = _coeffs(4, 2)
+    flat = engine.evaluate(vertices[0], vertices, coeffs, (x, y[:, 0]), loss="mse")
+    column = engine.evaluate(vertices[0], vertices, coeffs, (x, y), loss="mse", engine="loop")
+    torch.testing.assert_close(flat.loss, column.loss, rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- point_losses
+
+
+def _bn_update_bn_semantics(m, record):
+    """BatchNorm as a model evaluated after torch.optim.swa_utils.update_bn behaves, written
+    differentiably: a first pass normalises by the batch's biased variance (train mode) and
+    records the mean and unbiased variance; the second pass normalises by the recorded ones.
+    Pass "running" normalises by the (mixed, differentiable) running statistics."""
+    def forward(x):
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        if record["pass"] == 1:
+            mean, var = x.mean(dims), x.var(dims, unbiased=False)
+            record[m] = (mean, x.var(dims, unbiased=True))
+        elif record["pass"] == 2:
+            mean, var = record[m]
+        else:  # bn="interpolate": the mixed running statistics
+            mean, var = m.running_mean, m.running_var
+        out = (x - mean.reshape(shape)) / torch.sqrt(var.reshape(shape) + m.eps)
+        return out * m.weight.reshape(shape) + m.bias.reshape(shape)
+    return forward
+
+
+def _reference_losses(model, stacked, coeffs, data, loss, bn):
+    """Per-point losses by combining the parameters and calling the model functionally."""
+    from torch.func import functional_call
+    x, y = data
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    record = {}
+    for m in norms:
+        m.forward = _bn_update_bn_semantics(m, record)
+    model.eval()
+    out = []
+    try:
+        for c in coeffs:
+            params = {n: torch.tensordot(c.to(t.dtype), t, dims=1) if t.is_floating_point() else t[0]
+                      for n, t in stacked.items()}
+            record["pass"] = 1
+            if bn == "recompute":
+                functional_call(model, params, (x,))
+            record["pass"] = 2 if bn == "recompute" else "running"
+            logits = functional_call(model, params, (x,))
+            out.append(nn.functional.mse_loss(logits, y) if loss == "mse"
+                       else nn.functional.cross_entropy(logits, y))
+    finally:
+        for m in norms:
+            m.__dict__.pop("forward", None)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("case", ["mlp", "cnn_bn"])
+@pytest.mark.parametrize("bn", ["recompute", "interpolate"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_point_losses_values_and_gradients(case, bn, loss):
+    torch.manual_seed(0)
+    if case == "mlp":
+        vertices = [mlp(s, widths=(64, 9, 7, 10)) for s in range(3)]
+        x, yc = _digits(31)
+    else:
+        vertices = [randomise_bn(cnn(s), s) for s in range(3)]
+        x, yc = _digits(31, image=True)
+    y = torch.randn(31, 10) if loss == "mse" else yc
+    model = vertices[0]
+    stacked = {n: t.clone().double().requires_grad_(t.is_floating_point()) if t.is_floating_point() else t
+               for n, t in engine.P.stack(vertices).items()}
+    for v in vertices:
+        v.double()
+    coeffs = _coeffs(4, 3).double().requires_grad_()
+    data = (x.double(), y.double() if loss == "mse" else y)
+    got = engine.point_losses(model, stacked, coeffs, data, loss=loss, bn=bn)
+    ref_stacked = {n: t.detach().clone().requires_grad_(t.is_floating_point()) for n, t in stacked.items()}
+    ref_coeffs = coeffs.detach().clone().requires_grad_()
+    want = _reference_losses(model, ref_stacked, ref_coeffs, data, loss, bn)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    w = torch.arange(1.0, 5.0, dtype=torch.float64)
+    (got * w).sum().backward()
+    (want * w).sum().backward()
+    for n, t in stacked.items():
+        if t.requires_grad and ref_stacked[n].grad is not None:
+            torch.testing.assert_close(t.grad, ref_stacked[n].grad, rtol=1e-7, atol=1e-9, msg=n)
+    torch.testing.assert_close(coeffs.grad, ref_coeffs.grad, rtol=1e-7, atol=1e-9)
+    assert stacked["0.weight"].grad.abs().sum() > 0

@@ -1,0 +1,768 @@
+"""Manifold size: how large a region of linearly connected low-loss points surrounds a model.
+
+Notation (``../shared/DESIGN.md`` section 5): anchor ``theta*`` (the model passed in), ``L`` the
+mean loss on a fixed probe set ``data``, threshold ``tau = L(theta*) + epsilon`` (absolute) or
+``L(theta*) * (1 + epsilon)`` (relative), or a ``tau`` given outright (candidates that are
+compared share one). The low-loss region is ``S = {theta : L(theta) <= tau}``. Three estimators:
+
+* :func:`radius` (no training): the largest step along each of many random directions with the
+  whole segment in S; size = mean log step.
+* :func:`simplex` (after Benton et al. 2021): grow a k-simplex in S anchored at theta*, one
+  trained connector at a time; size = ``(1/k) log Vol_k``.
+* :func:`minima`: short training runs from theta* with different data orders; the largest
+  subset of their end points whose simplex lies in S; size as for ``simplex``.
+
+Distances are measured in ``units="raw"`` parameter units or ``"filter"`` units, in which every
+filter's displacement is divided by the norm of the same filter of theta* and by ``sqrt(F)``
+(F filters in all): the distance is the RMS relative displacement of the filters, so models of
+different widths can be compared, and a displacement of every filter by its own norm has length
+1. Only trainable parameters move; buffers stay at the anchor's values. These estimators are this
+project's reconstruction of Malviya et al. 2024, whose exact recipe is not public.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import params as P
+from .engine import evaluate, point_losses
+from .probes import _Result, _figure
+
+Data = Tuple[Tensor, Tensor]
+
+
+@dataclass
+class ManifoldEstimate(_Result):
+    """One estimate of the size of the low-loss manifold around a model.
+
+    Attributes:
+        estimator: ``"radius"``, ``"simplex"`` or ``"minima"``.
+        size: the log-size (mean log radius, or ``(1/k) log Vol_k``), in ``units``; ``-inf``
+            when the region is empty (the anchor's loss is above the threshold, or no simplex
+            was accepted).
+        spread: standard deviation over directions (radius), accepted subsets (minima) or
+            repeats (simplex); None where there is only one value.
+        dimension: the simplex dimension k reached (1 for radius: segments).
+        threshold: the loss threshold tau.
+        anchor_loss: the anchor's loss on the probe set.
+        units: ``"raw"`` or ``"filter"``.
+        n_evaluations: loss evaluations (one point over the whole probe set, or one training
+            step's point over a minibatch) spent.
+        seconds: wall time.
+        trace: one record per step (grid, bisection round, connector step, line-search round, run).
+        details: what is particular to the estimator (per-direction radii, vertex losses, ...).
+    """
+
+    estimator: str
+    size: float
+    spread: Optional[float]
+    dimension: int
+    threshold: float
+    anchor_loss: float
+    units: str
+    n_evaluations: int
+    seconds: float
+    trace: List[dict] = field(default_factory=list)
+    details: dict = field(default_factory=dict)
+
+    def plot(self):
+        """The estimator's trace (a matplotlib Figure): radii per direction, or the training
+        loss and the accepted scale of each connector."""
+        fig, (ax,) = _figure(1)
+        if self.estimator == "radius":
+            logs = [math.log(t) for t in self.details.get("radii", []) if t > 0]
+            ax.hist(logs, bins=max(5, len(logs) // 3))
+            ax.axvline(self.size, color="C1", label=f"size {self.size:.3g}")
+            ax.set(xlabel=f"log radius ({self.units} units)", ylabel="directions")
+            ax.legend()
+        else:
+            steps = [r for r in self.trace if r.get("kind") == "train"]
+            if steps:
+                ax.plot([r["loss"] for r in steps], lw=0.8, label="mean simplex loss")
+            ax.axhline(self.threshold, color="C3", ls="--", label="threshold")
+            ax.set(xlabel="training step", ylabel="loss", title=f"{self.estimator}: size {self.size:.3g}, k={self.dimension}")
+            ax.legend()
+        return fig
+
+
+# ----------------------------------------------------------------------------- shared parts
+
+
+def threshold(anchor_loss: float, *, epsilon: float = 0.1, relative: bool = True) -> float:
+    """The loss threshold ``L + epsilon`` (absolute) or ``L * (1 + epsilon)`` (relative)."""
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be positive, got {epsilon}")
+    return anchor_loss * (1 + epsilon) if relative else anchor_loss + epsilon
+
+
+def _check_positive_int(name: str, value, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not 0 < value <= 1:
+        raise ValueError(f"{name} must be in (0, 1], got {value}")
+
+
+class _Space:
+    """The anchor with its metric (``units``) and the coordinates connectors train in.
+
+    Training coordinates u are per element, scaled by the RMS element of the element's filter
+    in theta* (``delta = rms * u``): an Adam step then moves every filter by about the same
+    fraction of its own size, whatever the parameterisation's scale, which makes the trained
+    simplex equivariant under rescaling the parameters."""
+
+    def __init__(self, model: nn.Module, units: str):
+        if units not in ("raw", "filter"):
+            raise ValueError(f"units must be 'raw' or 'filter', got {units!r}")
+        self.units = units
+        self.anchor = {n: t.clone() for n, t in P.state_of(model).items()}
+        self.names = [n for n in P.parameter_names(model) if self.anchor[n].is_floating_point()]
+        if not self.names:
+            raise ValueError("the model has no trainable floating-point parameters to move")
+        self.norms = P.filter_norms(self.anchor, self.names)
+        n_filters = sum(t.numel() for t in self.norms.values())
+        self.metric = {n: (self.norms[n] * math.sqrt(n_filters)) if units == "filter"
+                       else torch.ones((), dtype=torch.float64) for n in self.names}
+        self.rms = {}
+        for n in self.names:
+            t = self.anchor[n]
+            per_filter = t[0].numel() if t.dim() > 1 else t.numel()
+            self.rms[n] = (self.norms[n] / math.sqrt(max(per_filter, 1))).to(t.dtype)
+
+    def in_units(self, state: P.State) -> P.State:
+        """Displacement from the anchor, in units (float64)."""
+        return {n: (state[n].double() - self.anchor[n].double()) / self.metric[n] for n in self.names}
+
+    def norm(self, displacement: P.State) -> float:
+        """Length of a displacement (not a state) in units."""
+        return math.sqrt(sum((displacement[n].double() / self.metric[n]).pow(2).sum().item()
+                             for n in self.names))
+
+    def log_volume(self, vertices: Sequence[P.State]) -> float:
+        return P.simplex_log_volume([self.in_units(v) for v in vertices], names=self.names)
+
+    def moved(self, displacement: P.State, scale: float = 1.0) -> P.State:
+        """The anchor moved by ``scale * displacement`` (buffers unchanged)."""
+        out = dict(self.anchor)
+        for n in self.names:
+            out[n] = self.anchor[n] + scale * displacement[n].to(self.anchor[n].dtype)
+        return out
+
+
+def _losses(model, vertices, coeffs: Tensor, data: Data, ev_kw: dict) -> Tensor:
+    dtype = vertices[0][next(iter(vertices[0]))].dtype
+    ev = evaluate(model, vertices, coeffs.to(dtype), data, quiet=True, **ev_kw)
+    return torch.nan_to_num(ev.loss.double(), nan=math.inf)
+
+
+def _setup(model, data, units, tau, epsilon, relative, ev_kw) -> Tuple[_Space, float, float]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module (the anchor), got {type(model).__name__}")
+    space = _Space(model, units)
+    anchor_loss = _losses(model, [space.anchor], torch.ones(1, 1), data, ev_kw)[0].item()
+    tau = threshold(anchor_loss, epsilon=epsilon, relative=relative) if tau is None else float(tau)
+    return space, anchor_loss, tau
+
+
+def _bar(total: int, quiet: bool, desc: str):
+    return tqdm(total=total, desc=desc, leave=False, disable=quiet or not sys.stderr.isatty())
+
+
+def _empty(estimator, space, anchor_loss, tau, n_eval, start, trace=None) -> ManifoldEstimate:
+    return ManifoldEstimate(estimator=estimator, size=-math.inf, spread=None, dimension=0,
+                            threshold=tau, anchor_loss=anchor_loss, units=space.units,
+                            n_evaluations=n_eval, seconds=time.perf_counter() - start,
+                            trace=trace or [], details={"empty": "the anchor's loss is above the threshold"})
+
+
+def _std(values: Sequence[float]) -> Optional[float]:
+    finite = [v for v in values if math.isfinite(v)]
+    if len(finite) < 2 or len(finite) != len(values):
+        return None
+    return float(torch.tensor(finite, dtype=torch.float64).std().item())
+
+
+# ----------------------------------------------------------------------------- radius
+
+
+def _directions(space: _Space, n: int, kind: str, ignore: str, seed: int) -> List[P.State]:
+    if kind not in ("filter", "gaussian"):
+        raise ValueError(f"kind must be 'filter' or 'gaussian', got {kind!r}")
+    if ignore not in ("biasbn", "none"):
+        raise ValueError(f"ignore must be 'biasbn' or 'none', got {ignore!r}")
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        d = {}
+        for name in space.names:
+            w = space.anchor[name]
+            r = torch.randn(w.shape, generator=g, dtype=torch.float64)
+            if ignore == "biasbn" and w.dim() <= 1:
+                r.zero_()
+            elif kind == "filter":  # each filter as long as the anchor's (Li et al. 2018)
+                rows = r.reshape(w.shape[0], -1) if w.dim() > 1 else r.reshape(1, -1)
+                rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-300)
+                r = rows.reshape(w.shape) * space.norms[name]
+            d[name] = r
+        out.append(d)
+    return out
+
+
+def radius(
+    model: nn.Module,
+    data: Data,
+    *,
+    directions: Union[int, Sequence[P.State]] = 32,
+    tau: Optional[float] = None,
+    epsilon: float = 0.1,
+    relative: bool = True,
+    units: str = "filter",
+    kind: str = "filter",
+    ignore: str = "biasbn",
+    grid: Tuple[float, float, int] = (1e-3, 10.0, 16),
+    bisect: int = 12,
+    extend: int = 2,
+    seed: int = 0,
+    quiet: bool = False,
+    **kw,
+) -> ManifoldEstimate:
+    """Mean log radius of the low-loss region along random directions (no training).
+
+    For each direction d (unit length in ``units``), the largest t such that the whole segment
+    ``theta* + s d, s in [0, t]`` has loss <= tau, found on a geometric grid (all directions and
+    grid points in one batched evaluation) and refined by ``bisect`` rounds of bisection within
+    the first grid interval that leaves S (every direction in one batch per round). Between grid
+    points the segment is assumed to stay in S; a finer grid tightens that.
+
+    Args:
+        model: the anchor theta* (and the architecture).
+        data: the probe set ``(inputs, targets)`` that defines L.
+        directions: how many random directions, or the directions themselves (state dicts over
+            the trainable parameters; each is normalised to unit length in ``units``).
+        tau, epsilon, relative: the threshold (see :func:`threshold`; ``tau`` overrides).
+        units: ``"filter"`` (default) or ``"raw"``; radii are lengths in these units.
+        kind: random directions ``"filter"``-normalised (Li et al. 2018; zero-initialised
+            filters get their tensor's RMS filter norm, so they move too) or ``"gaussian"``.
+        ignore: ``"biasbn"`` (default) leaves biases and normalisation parameters (1-D tensors)
+            alone, as Li et al. do; ``"none"`` moves them too.
+        grid: ``(lo, hi, n)``: n geometric steps from lo to hi times the anchor's own length in
+            ``units`` (1 in filter units). Directions still in S at the end are extended
+            ``extend`` times by a factor 10; those in S even then are reported at the last
+            step and counted as ``censored`` in ``details``.
+        bisect: bisection rounds (the bracket shrinks by 2**bisect).
+        seed: seeds the directions.
+        quiet: no progress bar.
+        **kw: passed to :func:`manifold_ext.engine.evaluate` (``loss``, ``bn``, ``batch_size``,
+            ``max_memory``, ``engine``).
+
+    Returns:
+        :class:`ManifoldEstimate` with ``size = mean log t``, ``spread`` the standard deviation
+        of log t over directions, and ``details["radii"]`` every t.
+    """
+    start = time.perf_counter()
+    lo, hi, n_grid = grid
+    if not 0 < lo < hi:
+        raise ValueError(f"grid must be (lo, hi, n) with 0 < lo < hi, got {grid}")
+    _check_positive_int("grid's number of points", n_grid, 2)
+    _check_positive_int("bisect", bisect, 0)
+    _check_positive_int("extend", extend, 0)
+    space, anchor_loss, tau = _setup(model, data, units, tau, epsilon, relative, kw)
+    if isinstance(directions, int):
+        _check_positive_int("directions", directions)
+        dirs = _directions(space, directions, kind, ignore, seed)
+    else:
+        dirs = [{n: d[n].double() for n in space.names} for d in directions]
+        if not dirs:
+            raise ValueError("directions must not be empty")
+    for i, d in enumerate(dirs):
+        length = space.norm(d)
+        if not length > 0:
+            raise ValueError(f"direction {i} has zero length")
+        for n in space.names:
+            d[n] = d[n] / length
+    R = len(dirs)
+    n_eval = 1
+    trace = []
+    if not anchor_loss <= tau:
+        return _empty("radius", space, anchor_loss, tau, n_eval, start)
+    vertices = [space.anchor] + [space.moved(d) for d in dirs]
+    scale = space.norm({n: space.anchor[n] for n in space.names})
+    steps = torch.logspace(math.log10(lo), math.log10(hi), n_grid, dtype=torch.float64) * scale
+    ratio = (steps[1] / steps[0]).item()
+
+    def along(rays: Tensor, ts: Tensor) -> Tensor:
+        """Losses at anchor + ts[i] * d[rays[i]]."""
+        c = torch.zeros(len(rays), R + 1, dtype=torch.float64)
+        c[:, 0] = 1 - ts
+        c[torch.arange(len(rays)), rays + 1] = ts
+        return _losses(model, vertices, c, data, kw)
+
+    bar = _bar(1 + extend + bisect, quiet, "radius")
+    low = torch.zeros(R, dtype=torch.float64)
+    high = torch.full((R,), math.inf, dtype=torch.float64)
+    pending = torch.arange(R)
+    for round_ in range(1 + extend):
+        if len(pending) == 0:
+            break
+        if round_ > 0:  # directions still inside: further out, by a factor 10 a round
+            steps = steps[-1] * ratio ** torch.arange(1, math.ceil(math.log(10) / math.log(ratio)) + 1,
+                                                     dtype=torch.float64)
+        rays = pending.repeat_interleave(len(steps))
+        ts = steps.repeat(len(pending))
+        out = (along(rays, ts) > tau).reshape(len(pending), len(steps))
+        n_eval += len(rays)
+        for i, r in enumerate(pending.tolist()):
+            bad = out[i].nonzero().flatten()
+            if len(bad):
+                j = bad[0].item()
+                high[r] = steps[j]
+                low[r] = steps[j - 1] if j > 0 else low[r]
+            else:
+                low[r] = steps[-1]
+        pending = torch.isinf(high).nonzero().flatten()
+        trace.append({"kind": "grid", "points": len(rays), "inside": len(pending)})
+        bar.update()
+    censored = len(pending)
+    active = torch.isfinite(high).nonzero().flatten()
+    for _ in range(bisect):
+        if len(active) == 0:
+            break
+        l, h = low[active], high[active]
+        mid = torch.where(l > 0, (l * h).sqrt(), h / 2)
+        out = along(active, mid) > tau
+        n_eval += len(active)
+        high[active] = torch.where(out, mid, h)
+        low[active] = torch.where(out, l, mid)
+        trace.append({"kind": "bisect", "points": len(active),
+                      "max_ratio": (high[active] / low[active].clamp_min(1e-300)).max().item()})
+        bar.update()
+    bar.close()
+    logs = [math.log(t) if t > 0 else -math.inf for t in low.tolist()]
+    size = sum(logs) / R
+    return ManifoldEstimate(
+        estimator="radius", size=size, spread=_std(logs), dimension=1, threshold=tau,
+        anchor_loss=anchor_loss, units=space.units, n_evaluations=n_eval,
+        seconds=time.perf_counter() - start, trace=trace,
+        details={"radii": low.tolist(), "censored": censored, "directions": R})
+
+
+# ----------------------------------------------------------------------------- simplexes
+
+
+def _flat_units(space: _Space, state: P.State) -> Tensor:
+    u = space.in_units(state)
+    return torch.cat([u[n].reshape(-1) for n in space.names])
+
+
+def _log_height(space: _Space, basis: Optional[Tensor], new: Dict[str, Tensor], origin: Tensor) -> Tensor:
+    """log of the distance (in units, differentiable in ``new``) from the vertex ``new`` to the
+    affine hull of the earlier vertices: ``origin`` (the first, flattened, in units) plus the span
+    of the orthonormal ``basis`` columns. ``Vol_k = Vol_{k-1} * height / k``."""
+    e = torch.cat([((new[n].double() - space.anchor[n].double()) / space.metric[n]).reshape(-1)
+                   for n in space.names]) - origin
+    if basis is not None:
+        e = e - basis @ (basis.T @ e)
+    return e.norm().clamp_min(1e-300).log()
+
+
+def _accepts(vertex_losses: Tensor, sample_losses: Tensor, tau: float, quantile: float) -> bool:
+    """A simplex is in S when its vertices are and the ``quantile`` of its sampled points'
+    losses is at most tau."""
+    return bool((vertex_losses <= tau).all()) and torch.quantile(sample_losses, quantile).item() <= tau
+
+
+def _line_search(accepted: Callable[[float], bool], *, rounds: int, doublings: int) -> float:
+    """The largest accepted scale: 1, doubled while accepted (at most ``doublings`` times) or
+    bisected towards 0 when not, then ``rounds`` bisections of the bracket; 0.0 if none."""
+    lo, hi = 0.0, None
+    alpha = 1.0
+    for _ in range(doublings + 1):
+        if not accepted(alpha):
+            hi = alpha
+            break
+        lo = alpha
+        alpha *= 2
+    if hi is None:
+        return lo
+    for _ in range(rounds):
+        mid = (lo + hi) / 2
+        if accepted(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _grow(model, space: _Space, data: Data, train: Data, tau: float, *, k, steps, points, batch_size,
+          lr, lam, objective, init, samples, quantile, line_search, doublings, seed, loss, bn, kw, bar,
+          trace):
+    """One run of the simplex estimator: the accepted vertices and the loss evaluations spent."""
+    g = torch.Generator().manual_seed(seed)
+    vertices = [space.anchor]
+    n_eval = 0
+    x, y = train
+    for i in range(1, k + 1):
+        centroid = {n: sum(v[n] for v in vertices) / len(vertices) for n in space.names}
+        u = {n: (init * torch.randn(space.anchor[n].shape, generator=g, dtype=torch.float64))
+             .to(space.anchor[n].dtype).requires_grad_() for n in space.names}
+        opt = torch.optim.Adam(list(u.values()), lr=lr)
+        flat = [_flat_units(space, v) for v in vertices]
+        origin = flat[0]
+        basis = None
+        if len(flat) > 1:
+            basis = torch.linalg.qr(torch.stack([f - origin for f in flat[1:]], 1)).Q
+        frozen = P.stack(vertices)
+        for step in range(steps):
+            new = {n: centroid[n] + space.rms[n] * u[n] for n in space.names}
+            stacked = {n: torch.cat([frozen[n], new[n][None]]) if n in new
+                       else torch.cat([frozen[n], frozen[n][:1]]) for n in frozen}
+            idx = torch.randperm(len(x), generator=g)[:batch_size]
+            w = P.simplex_weights(points, i + 1, generator=g).to(frozen[space.names[0]].dtype)
+            losses = point_losses(model, stacked, w, (x[idx], y[idx]), loss=loss, bn=bn)
+            mean_loss = losses.mean()
+            log_h = _log_height(space, basis, new, origin)
+            if objective == "benton":
+                value = mean_loss - lam * log_h
+            else:  # the volume under the constraint: only points above tau push back
+                value = (torch.relu(losses - tau).mean() / max(tau, 1e-12)) / lam - log_h
+            opt.zero_grad()
+            value.backward()
+            opt.step()
+            n_eval += points
+            trace.append({"kind": "train", "connector": i, "step": step, "loss": mean_loss.item(),
+                          "log_height": log_h.item()})
+            bar.update()
+        with torch.no_grad():
+            new = {n: centroid[n] + space.rms[n] * u[n] for n in space.names}
+        # The largest scale alpha of the new vertex about the centroid at which the simplex is
+        # accepted: the training sets the direction, the threshold the extent (one fixed sample
+        # of points for every alpha: common random numbers).
+        weights = torch.cat([torch.eye(i + 1, dtype=torch.float64),
+                             P.simplex_weights(samples, i + 1, generator=g)])
+
+        def accepted(alpha: float) -> bool:
+            moved = {n: centroid[n] + alpha * (new[n] - centroid[n]) for n in space.names}
+            losses = _losses(model, vertices + [{**space.anchor, **moved}], weights, data, kw)
+            ok = _accepts(losses[: i + 1], losses[i + 1:], tau, quantile)
+            trace.append({"kind": "line_search", "connector": i, "alpha": alpha, "accepted": ok,
+                          "vertex_loss": losses[i].item(),
+                          "quantile_loss": torch.quantile(losses[i + 1:], quantile).item()})
+            return ok
+
+        alpha_lo = _line_search(accepted, rounds=line_search, doublings=doublings)
+        n_eval += sum(1 for r in trace if r["kind"] == "line_search" and r["connector"] == i) * len(weights)
+        if alpha_lo == 0.0:
+            trace.append({"kind": "rejected", "connector": i})
+            break
+        vertices.append({**space.anchor, **{n: centroid[n] + alpha_lo * (new[n] - centroid[n])
+                                            for n in space.names}})
+    return vertices, n_eval
+
+
+def simplex(
+    model: nn.Module,
+    data: Data,
+    *,
+    k: int = 2,
+    train_data: Optional[Data] = None,
+    steps: int = 150,
+    points: int = 8,
+    batch_size: int = 256,
+    lr: float = 0.05,
+    lam: float = 0.05,
+    objective: str = "threshold",
+    init: float = 0.05,
+    samples: int = 128,
+    quantile: float = 0.95,
+    line_search: int = 6,
+    doublings: int = 8,
+    repeats: int = 1,
+    tau: Optional[float] = None,
+    epsilon: float = 0.1,
+    relative: bool = True,
+    units: str = "filter",
+    seed: int = 0,
+    quiet: bool = False,
+    **kw,
+) -> ManifoldEstimate:
+    """Size of a low-loss k-simplex grown around the model (after Benton et al. 2021,
+    "Loss surface simplexes for mode connecting volumes and fast ensembling").
+
+    Connectors are added one at a time. Each starts at the centroid of the current vertices plus
+    a small filter-normalised perturbation (``init`` times each filter's RMS element), and only
+    the newest trains: ``steps`` Adam steps on the mean loss over ``points`` uniformly sampled
+    simplex points (Dirichlet(1) weights) of a ``batch_size`` minibatch of ``train_data``, minus
+    ``lam * log Vol`` (in ``units``). Gradients flow through the fused ops. The connector is then
+    placed at the largest scale about the centroid at which the simplex lies in S: its vertices'
+    losses and the ``quantile`` of the losses at ``samples`` uniform points of the whole simplex,
+    on the probe set ``data``, are at most tau. The scale is searched from 1, doubling (at most
+    ``doublings`` times) or halving, then bisected ``line_search`` times, so that the training
+    sets the direction and the threshold the extent. A connector accepted at no positive scale
+    ends the growth. Size = ``(1/k) log Vol_k`` of the final simplex, ``Vol_k = sqrt(det(E^T E)) / k!``.
+
+    Args:
+        model: the anchor theta* (vertex 0, never moved) and the architecture.
+        data: the probe set that defines L and S.
+        k: connectors to add (the simplex dimension sought).
+        train_data: the connectors' training data (default: the probe set).
+        steps, points, batch_size, lr: each connector's training (lr in the per-element
+            coordinates above: 0.05 moves every element by about 5% of its filter's RMS).
+        lam: weight of the volume term.
+        init: the starting perturbation's size.
+        samples, quantile: the acceptance test.
+        line_search, doublings: the search for the accepted scale.
+        repeats: independent runs (seeds ``seed, seed + 1, ...``); size is their mean and
+            spread their standard deviation (None for one run).
+        tau, epsilon, relative, units: as in :func:`radius`.
+        **kw: ``loss`` and ``bn`` (training and evaluation), and for the evaluations
+            ``batch_size`` is ``eval_batch_size``, ``max_memory``, ``engine``.
+
+    Returns:
+        :class:`ManifoldEstimate`; ``details["log_volumes"]`` per repeat, ``details["vertex_losses"]``
+        the accepted vertices' losses (first repeat).
+    """
+    start = time.perf_counter()
+    for name, v in (("k", k), ("steps", steps), ("points", points), ("batch_size", batch_size),
+                    ("samples", samples), ("repeats", repeats)):
+        _check_positive_int(name, v)
+    _check_positive_int("line_search", line_search, 0)
+    _check_positive_int("doublings", doublings, 0)
+    _check_fraction("quantile", quantile)
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr}")
+    if not lam > 0:
+        raise ValueError(f"lam must be positive, got {lam}")
+    if objective not in ("threshold", "benton"):
+        raise ValueError(f"objective must be 'threshold' or 'benton', got {objective!r}")
+    if not init > 0:
+        raise ValueError(f"init must be positive, got {init}")
+    loss, bn = kw.pop("loss", "cross_entropy"), kw.pop("bn", "recompute")
+    ev_kw = {"loss": loss, "bn": bn, **kw}
+    if "eval_batch_size" in ev_kw:
+        ev_kw["batch_size"] = ev_kw.pop("eval_batch_size")
+    space, anchor_loss, tau = _setup(model, data, units, tau, epsilon, relative, ev_kw)
+    train = data if train_data is None else train_data
+    if len(train[0]) == 0:
+        raise ValueError("train_data is empty: expected at least one example")
+    trace: List[dict] = []
+    n_eval = 1
+    if not anchor_loss <= tau:
+        return _empty("simplex", space, anchor_loss, tau, n_eval, start)
+    bar = _bar(repeats * k * steps, quiet, "simplex")
+    sizes, dims, log_volumes, first = [], [], [], None
+    for r in range(repeats):
+        vertices, spent = _grow(model, space, data, train, tau, k=k, steps=steps, points=points,
+                                batch_size=batch_size, lr=lr, lam=lam, objective=objective,
+                                init=init, samples=samples,
+                                quantile=quantile, line_search=line_search, doublings=doublings,
+                                seed=seed + r, loss=loss, bn=bn,
+                                kw=ev_kw, bar=bar, trace=trace)
+        n_eval += spent
+        dim = len(vertices) - 1
+        logv = space.log_volume(vertices) if dim > 0 else -math.inf
+        dims.append(dim)
+        log_volumes.append(logv)
+        sizes.append(logv / dim if dim > 0 else -math.inf)
+        if first is None:
+            first = vertices
+    bar.close()
+    vertex_losses = _losses(model, first, torch.eye(len(first)), data, ev_kw).tolist()
+    n_eval += len(first)
+    return ManifoldEstimate(
+        estimator="simplex", size=sum(sizes) / len(sizes), spread=_std(sizes),
+        dimension=min(dims), threshold=tau, anchor_loss=anchor_loss, units=space.units,
+        n_evaluations=n_eval, seconds=time.perf_counter() - start, trace=trace,
+        details={"log_volumes": log_volumes, "dimensions": dims, "vertex_losses": vertex_losses})
+
+
+# ----------------------------------------------------------------------------- minima
+
+
+def _train_copy(model: nn.Module, train: Data, *, epochs: int, lr: float, batch_size: int, seed: int,
+                loss: str, optimizer: str = "adam") -> P.State:
+    """A copy of ``model`` trained for ``epochs`` epochs in a seeded data order."""
+    m = copy.deepcopy(model)
+    m.train()
+    # With SGD the runs differ by their data order alone; a fresh Adam's first steps move every
+    # coordinate by about lr whatever its gradient, a perturbation of their own (which is why its
+    # default lr is small: at 1e-3 the end points of a well-trained digits MLP left S).
+    opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(m.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    x, y = train
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), batch_size):
+            idx = perm[i:i + batch_size]
+            out = m(x[idx])
+            if loss == "mse":
+                value = F.mse_loss(out.reshape(len(idx), -1), y[idx].reshape(len(idx), -1).to(out.dtype))
+            else:
+                value = F.cross_entropy(out.reshape(-1, out.shape[-1]), y[idx].reshape(-1))
+            opt.zero_grad()
+            value.backward()
+            opt.step()
+    return {n: t.detach().clone() for n, t in P.state_of(m).items()}
+
+
+@dataclass
+class SubsetChoice:
+    """What :func:`largest_simplex` found.
+
+    Attributes:
+        indices: the chosen subset (``[i]`` when only single vertices lie in S, ``[]`` when none).
+        log_volume: its log k-volume in units (``-inf`` for fewer than two vertices).
+        accepted: every accepted subset with its log-volume.
+        vertex_losses: each vertex's loss.
+        evaluations: loss evaluations spent.
+    """
+
+    indices: List[int]
+    log_volume: float
+    accepted: List[Tuple[List[int], float]]
+    vertex_losses: List[float]
+    evaluations: int
+
+
+def largest_simplex(
+    model: nn.Module,
+    vertices: Sequence[P.Vertex],
+    data: Data,
+    *,
+    tau: float,
+    units: str = "filter",
+    samples: int = 128,
+    quantile: float = 0.95,
+    seed: int = 0,
+    **kw,
+) -> SubsetChoice:
+    """The largest subset of ``vertices`` whose simplex lies in ``S = {L <= tau}``.
+
+    Every subset of two or more vertices is tested at once (one batched evaluation): it is in S
+    when its vertices and the ``quantile`` of the losses at ``samples`` uniform points of its
+    simplex are at most tau. Among the largest accepted subsets, the one of largest volume wins. Distances are in
+    ``units`` about ``model`` (the anchor); ``kw`` goes to :func:`manifold_ext.engine.evaluate`.
+    """
+    _check_positive_int("samples", samples)
+    _check_fraction("quantile", quantile)
+    space = _Space(model, units)
+    states = [P.state_of(v) for v in vertices]
+    m = len(states)
+    if m == 0:
+        raise ValueError("vertices must not be empty")
+    g = torch.Generator().manual_seed(seed)
+    subsets = [list(c) for j in range(m, 1, -1) for c in itertools.combinations(range(m), j)]
+    rows = [torch.eye(m, dtype=torch.float64)]
+    for sub in subsets:
+        w = torch.zeros(samples, m, dtype=torch.float64)
+        w[:, sub] = P.simplex_weights(samples, len(sub), generator=g)
+        rows.append(w)
+    losses = _losses(model, states, torch.cat(rows), data, kw)
+    vertex_losses = losses[:m].tolist()
+    sampled = losses[m:].reshape(len(subsets), samples)
+    accepted = [(sub, space.log_volume([states[j] for j in sub])) for i, sub in enumerate(subsets)
+                if _accepts(losses[sub], sampled[i], tau, quantile)]
+    if accepted:
+        top = max(len(sub) for sub, _ in accepted)
+        best, best_logv = max(((sub, v) for sub, v in accepted if len(sub) == top), key=lambda e: e[1])
+    else:
+        best, best_logv = [i for i in range(m) if vertex_losses[i] <= tau][:1], -math.inf
+    return SubsetChoice(indices=best, log_volume=best_logv, accepted=accepted,
+                        vertex_losses=vertex_losses, evaluations=len(losses))
+
+
+def minima(
+    model: nn.Module,
+    data: Data,
+    *,
+    train_data: Optional[Data] = None,
+    m: int = 4,
+    epochs: int = 1,
+    optimizer: str = "adam",
+    lr: float = 1e-4,
+    batch_size: int = 64,
+    samples: int = 128,
+    quantile: float = 0.95,
+    tau: Optional[float] = None,
+    epsilon: float = 0.1,
+    relative: bool = True,
+    units: str = "filter",
+    seed: int = 0,
+    quiet: bool = False,
+    **kw,
+) -> ManifoldEstimate:
+    """Size of the simplex spanned by short training runs from the model.
+
+    ``m`` copies of the model are trained for ``epochs`` epochs with ``optimizer`` (``"adam"``
+    or ``"sgd"``; ``lr``, ``batch_size``) on ``train_data``, each in its own seeded data order; the largest subset of
+    their end points whose simplex lies in S (:func:`largest_simplex`) gives the size
+    ``(1/k) log Vol_k`` (k = subset size - 1), in ``units`` about the model.
+
+    Args:
+        model: the starting point of the runs (the anchor for units and the threshold).
+        data: the probe set that defines L and S.
+        train_data: the runs' training data (default: the probe set).
+        m, epochs, optimizer, lr, batch_size: the runs.
+        samples, quantile: the acceptance test of :func:`largest_simplex`.
+        tau, epsilon, relative, units: as in :func:`radius`.
+        **kw: ``loss`` (training and evaluation), ``bn`` and other evaluation options; the
+            evaluation's chunk size is ``eval_batch_size``.
+
+    Returns:
+        :class:`ManifoldEstimate`; ``spread`` is the standard deviation of the size over every
+        accepted subset of the chosen dimension (None when only one), ``details`` the subset,
+        every end point's loss and the pairwise distances in units.
+    """
+    start = time.perf_counter()
+    for name, v in (("m", m), ("epochs", epochs), ("batch_size", batch_size)):
+        _check_positive_int(name, v)
+    if m < 2:
+        raise ValueError(f"m must be at least 2 (a simplex needs two end points), got {m}")
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr}")
+    if optimizer not in ("adam", "sgd"):
+        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+    loss = kw.get("loss", "cross_entropy")
+    ev_kw = dict(kw)
+    if "eval_batch_size" in ev_kw:
+        ev_kw["batch_size"] = ev_kw.pop("eval_batch_size")
+    space, anchor_loss, tau = _setup(model, data, units, tau, epsilon, relative, ev_kw)
+    train = data if train_data is None else train_data
+    if len(train[0]) == 0:
+        raise ValueError("train_data is empty: expected at least one example")
+    bar = _bar(m, quiet, "minima")
+    ends, trace = [], []
+    for i in range(m):
+        ends.append(_train_copy(model, train, epochs=epochs, lr=lr, batch_size=batch_size,
+                                seed=seed + i, loss=loss, optimizer=optimizer))
+        trace.append({"kind": "run", "run": i})
+        bar.update()
+    bar.close()
+    choice = largest_simplex(model, ends, data, tau=tau, units=units, samples=samples,
+                             quantile=quantile, seed=seed, **ev_kw)
+    k = len(choice.indices) - 1
+    size = choice.log_volume / k if k > 0 else -math.inf
+    sizes = [v / k for sub, v in choice.accepted if len(sub) == k + 1] if k > 0 else []
+    dists = [[space.norm({n: ends[a][n].double() - ends[b][n].double() for n in space.names})
+              for b in range(m)] for a in range(m)]
+    return ManifoldEstimate(
+        estimator="minima", size=size, spread=_std(sizes), dimension=max(k, 0),
+        threshold=tau, anchor_loss=anchor_loss, units=space.units,
+        n_evaluations=1 + choice.evaluations, seconds=time.perf_counter() - start, trace=trace,
+        details={"subset": choice.indices, "vertex_losses": choice.vertex_losses, "distances": dists,
+                 "train_steps": m * epochs * math.ceil(len(train[0]) / batch_size)})
+
+
+ESTIMATORS: Dict[str, Callable[..., ManifoldEstimate]] = {"radius": radius, "simplex": simplex, "minima": minima}
