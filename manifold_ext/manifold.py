@@ -181,11 +181,11 @@ def _bar(total: int, quiet: bool, desc: str):
     return tqdm(total=total, desc=desc, leave=False, disable=quiet or not sys.stderr.isatty())
 
 
-def _empty(estimator, space, anchor_loss, tau, n_eval, start, trace=None) -> ManifoldEstimate:
+def _empty(estimator, space, anchor_loss, tau, n_eval, start) -> ManifoldEstimate:
     return ManifoldEstimate(estimator=estimator, size=-math.inf, spread=None, dimension=0,
                             threshold=tau, anchor_loss=anchor_loss, units=space.units,
                             n_evaluations=n_eval, seconds=time.perf_counter() - start,
-                            trace=trace or [], details={"empty": "the anchor's loss is above the threshold"})
+                            details={"empty": "the anchor's loss is above the threshold"})
 
 
 def _std(values: Sequence[float]) -> Optional[float]:
@@ -709,6 +709,9 @@ def minima(
     or ``"sgd"``; ``lr``, ``batch_size``) on ``train_data``, each in its own seeded data order; the largest subset of
     their end points whose simplex lies in S (:func:`largest_simplex`) gives the size
     ``(1/k) log Vol_k`` (k = subset size - 1), in ``units`` about the model.
+
+    Unlike the other estimators, an anchor above tau does not make the region empty: the runs
+    may still end in S.
 
     Args:
         model: the starting point of the runs (the anchor for units and the threshold).

@@ -219,6 +219,8 @@ def test_anchor_above_a_common_threshold_has_an_empty_manifold(name):
                              quiet=True, **({"steps": 5} if name == "simplex" else {}))
     assert est.size == -math.inf and est.dimension == 0
     assert est.anchor_loss > est.threshold
+    if name == "minima":  # its runs could have descended into S; from this far they do not
+        assert all(v > est.threshold for v in est.details["vertex_losses"])
 
 
 def _digits_mlp():
