@@ -1,0 +1,102 @@
+"""Rank correlations of a metric with the gains it should predict, with bootstrap intervals.
+
+Used by the compare workflow to score every metric (manifold sizes and baselines) against the
+measured gains of the candidate expansions, over several seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+from scipy import stats as _st
+
+
+@dataclass
+class Correlation:
+    """Spearman's rho and Kendall's tau-b of ``values`` with ``gains``, each with a percentile
+    bootstrap interval at ``level``; ``n`` pairs used (pairs with a NaN are dropped; -inf, e.g.
+    an empty manifold, ranks lowest)."""
+
+    metric: str
+    spearman: float
+    spearman_ci: Tuple[float, float]
+    kendall: float
+    kendall_ci: Tuple[float, float]
+    n: int
+    level: float
+
+
+def _rho_tau(x: np.ndarray, y: np.ndarray) -> Tuple[float, float]:
+    if len(x) < 2 or np.all(x == x[0]) or np.all(y == y[0]):
+        return math.nan, math.nan  # undefined without variation
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rx, ry = _st.rankdata(x), _st.rankdata(y)  # ranks: -inf is finite once ranked
+        rho = float(np.corrcoef(rx, ry)[0, 1])
+        tau = float(_st.kendalltau(rx, ry).statistic)
+    return rho, tau
+
+
+def rank_correlation(
+    values: Sequence[float],
+    gains: Sequence[float],
+    *,
+    metric: str = "",
+    groups: Optional[Sequence] = None,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Correlation:
+    """Spearman and Kendall correlation of a metric with the gains, with bootstrap intervals.
+
+    Args:
+        values: the metric, one value per (candidate, seed) pair.
+        gains: the measured gain of each pair.
+        metric: a name to carry along.
+        groups: optional cluster labels (e.g. the candidate of each pair): the bootstrap then
+            resamples whole clusters, so seeds of one candidate are not treated as independent.
+        n_boot: bootstrap resamples.
+        level: coverage of the percentile intervals.
+        seed: seeds the resampling.
+
+    Returns:
+        :class:`Correlation`; NaN where a correlation is undefined (fewer than 2 pairs, or no
+        variation).
+    """
+    x = np.asarray(values, dtype=np.float64)
+    y = np.asarray(gains, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"values and gains must be 1-D of one length, got shapes {x.shape} and {y.shape}")
+    if groups is not None and len(groups) != len(x):
+        raise ValueError(f"groups must have one label per value ({len(x)}), got {len(groups)}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    keep = ~(np.isnan(x) | np.isnan(y))
+    x, y = x[keep], y[keep]
+    labels = np.asarray(groups, dtype=object)[keep] if groups is not None else np.arange(len(x))
+    clusters = [np.flatnonzero(labels == u) for u in dict.fromkeys(labels.tolist())]
+    rho, tau = _rho_tau(x, y)
+    rng = np.random.default_rng(seed)
+    boots = np.full((n_boot, 2), np.nan)
+    if len(clusters) >= 2:
+        for i in range(n_boot):
+            pick = rng.integers(0, len(clusters), len(clusters))
+            idx = np.concatenate([clusters[j] for j in pick])
+            boots[i] = _rho_tau(x[idx], y[idx])
+    alpha = (1 - level) / 2 * 100
+
+    def interval(col: np.ndarray) -> Tuple[float, float]:
+        col = col[np.isfinite(col)]
+        if len(col) == 0:
+            return math.nan, math.nan
+        lo, hi = np.percentile(col, [alpha, 100 - alpha])
+        return float(lo), float(hi)
+
+    return Correlation(metric=metric, spearman=rho, spearman_ci=interval(boots[:, 0]), kendall=tau,
+                       kendall_ci=interval(boots[:, 1]), n=int(len(x)), level=level)

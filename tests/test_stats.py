@@ -1,0 +1,69 @@
+"""Rank correlations with bootstrap intervals, against scipy."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from manifold_ext.stats import rank_correlation
+
+
+def _data(n, noise, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=n)
+    return x, x + noise * rng.normal(size=n)
+
+
+def test_matches_scipy_with_ties():
+    x, y = _data(30, 1.0)
+    x = np.round(x, 1)  # ties
+    c = rank_correlation(x, y, metric="m", n_boot=200)
+    assert c.spearman == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+    assert c.kendall == pytest.approx(stats.kendalltau(x, y).statistic, abs=1e-12)
+    assert c.n == 30 and c.metric == "m" and c.level == 0.95
+
+
+def test_interval_contains_estimate_narrows_with_data_and_is_deterministic():
+    small = rank_correlation(*_data(12, 1.0), n_boot=300, seed=1)
+    large = rank_correlation(*_data(200, 1.0), n_boot=300, seed=1)
+    for c in (small, large):
+        assert -1 <= c.spearman_ci[0] <= c.spearman <= c.spearman_ci[1] <= 1
+        assert -1 <= c.kendall_ci[0] <= c.kendall <= c.kendall_ci[1] <= 1
+    width = lambda ci: ci[1] - ci[0]
+    assert width(large.spearman_ci) < width(small.spearman_ci) / 2
+    assert rank_correlation(*_data(12, 1.0), n_boot=300, seed=1) == small
+    assert rank_correlation(*_data(12, 1.0), n_boot=300, seed=2).spearman_ci != small.spearman_ci
+
+
+def test_clusters_are_resampled_whole():
+    x, y = _data(8, 1.0)
+    rx, ry = np.repeat(x, 5), np.repeat(y, 5)  # five identical "seeds" per candidate
+    labels = np.repeat(np.arange(8), 5)
+    naive = rank_correlation(rx, ry, n_boot=400)
+    clustered = rank_correlation(rx, ry, groups=labels, n_boot=400)
+    assert clustered.spearman == naive.spearman
+    w = lambda ci: ci[1] - ci[0]
+    assert w(clustered.spearman_ci) > 1.5 * w(naive.spearman_ci)  # pseudo-replication hidden
+
+
+def test_minus_infinity_ranks_lowest_and_nan_pairs_are_dropped():
+    c = rank_correlation([-math.inf, 1.0, 2.0, math.nan, 3.0], [0.0, 1.0, 2.0, 5.0, 3.0], n_boot=50)
+    assert c.n == 4 and c.spearman == pytest.approx(1.0) and c.kendall == pytest.approx(1.0)
+
+
+def test_no_variation_is_nan():
+    c = rank_correlation([1.0, 1.0, 1.0], [0.0, 1.0, 2.0], n_boot=20)
+    assert math.isnan(c.spearman) and math.isnan(c.kendall) and math.isnan(c.spearman_ci[0])
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    ({"values": [1, 2], "gains": [1, 2, 3]}, r"values and gains must be 1-D of one length, got shapes \(2,\) and \(3,\)"),
+    ({"groups": [0, 1]}, r"groups must have one label per value \(3\), got 2"),
+    ({"n_boot": 0}, "n_boot must be at least 1, got 0"),
+    ({"level": 1.0}, r"level must be in \(0, 1\), got 1.0"),
+])
+def test_errors(kwargs, msg):
+    args = {"values": [1.0, 2.0, 3.0], "gains": [1.0, 3.0, 2.0], **kwargs}
+    with pytest.raises(ValueError, match=msg):
+        rank_correlation(args.pop("values"), args.pop("gains"), **args)
