@@ -265,6 +265,10 @@ def test_estimate_json_round_trip():
     assert back == est
     fig = est.plot()
     assert fig.axes[0].get_xlabel().startswith("log radius")
+    grown = M.simplex(model, data, k=1, steps=5, quiet=True)
+    assert M.ManifoldEstimate.from_json(grown.to_json()) == grown
+    ax = grown.plot().axes[0]
+    assert ax.get_ylabel() == "loss" and len(ax.lines[0].get_ydata()) == 5  # one point per step
 
 
 @pytest.mark.parametrize("fn,kwargs,msg", [
