@@ -454,8 +454,10 @@ def _grow(model, space: _Space, data: Data, train: Data, tau: float, *, k, steps
                              P.simplex_weights(samples, i + 1, generator=g)])
 
         def accepted(alpha: float) -> bool:
+            nonlocal n_eval
             moved = {n: centroid[n] + alpha * (new[n] - centroid[n]) for n in space.names}
             losses = _losses(model, vertices + [{**space.anchor, **moved}], weights, data, kw)
+            n_eval += len(weights)
             ok = _accepts(losses[: i + 1], losses[i + 1:], tau, quantile)
             trace.append({"kind": "line_search", "connector": i, "alpha": alpha, "accepted": ok,
                           "vertex_loss": losses[i].item(),
@@ -463,7 +465,6 @@ def _grow(model, space: _Space, data: Data, train: Data, tau: float, *, k, steps
             return ok
 
         alpha_lo = _line_search(accepted, rounds=line_search, doublings=doublings)
-        n_eval += sum(1 for r in trace if r["kind"] == "line_search" and r["connector"] == i) * len(weights)
         if alpha_lo == 0.0:
             trace.append({"kind": "rejected", "connector": i})
             break

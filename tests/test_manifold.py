@@ -244,6 +244,12 @@ def test_estimators_on_a_classifier_stay_in_s_and_are_deterministic():
     assert all(v <= s1.threshold for v in s1.details["vertex_losses"])
     searches = [r for r in s1.trace if r["kind"] == "line_search"]
     assert s1.n_evaluations == 1 + 2 * 30 * 8 + sum(r["connector"] + 1 + 128 for r in searches) + 3
+    twice = M.simplex(model, data, k=2, steps=30, repeats=2, quiet=True)
+    searches = [r for r in twice.trace if r["kind"] == "line_search"]
+    assert twice.n_evaluations == 1 + 2 * 2 * 30 * 8 + sum(r["connector"] + 1 + 128 for r in searches) + 3
+    assert twice.details["log_volumes"][0] == pytest.approx(s1.size * 2)
+    assert twice.spread == pytest.approx(abs(twice.details["log_volumes"][0] - twice.details["log_volumes"][1])
+                                         / 2 / math.sqrt(2))
     r = M.radius(model, data, directions=4, quiet=True)
     dirs = M._directions(M._Space(model, "filter"), 4, "filter", "biasbn", 0)
     space = M._Space(model, "filter")
