@@ -1,9 +1,5 @@
-"""The ``manifold-ext`` command line.
-
-Subcommands:
-  info   what the compiled kernels were built with (JSON)
-  demo   the fused ops on a line between two trained MLPs, checked against the naive loop
-"""
+"""``manifold-ext demo``: the fused ops on a line between two trained MLPs, checked against a
+naive per-point loop and timed."""
 
 from __future__ import annotations
 
@@ -14,14 +10,15 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import build_info, interp_linear, interp_linear_cross_entropy
-from .data import Digits, load_digits
+from .. import build_info, interp_linear, interp_linear_cross_entropy
+from ..data import Digits, load_digits
+from ._args import CommandError, have_matplotlib, int_at_least
 
 # Full-batch Adam at this rate reaches ~96% test accuracy on digits in 30 steps and >80% in 5,
 # so the demo stays a few seconds long and the tests can train with --epochs 5.
@@ -31,38 +28,20 @@ _TOLERANCE = 1e-4  # max abs difference allowed between fused and naive mean los
 _REPEATS = 3  # timings are the best of this many runs
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-
-    return parse
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="manifold-ext",
-        description="Evaluate networks at many interpolated parameter points in one batched pass.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("info", help="print what the compiled kernels were built with, as JSON")
+def add_parser(sub, common) -> None:
+    """Register ``demo`` on the subcommand parsers ``sub``."""
     demo = sub.add_parser(
-        "demo",
+        "demo", parents=[common],
         help="loss along the line between two trained MLPs: fused ops vs a naive loop",
         description="Train two 64-H-10 MLPs on the built-in digits data from different seeds, "
         "evaluate test loss and accuracy on the line between them (t in [-0.25, 1.25]) in one "
         "batched pass of the fused ops, check it against a naive per-point loop, and time both.",
     )
-    demo.add_argument("--points", type=_int_at_least(2), default=33,
+    demo.add_argument("--points", type=int_at_least(2), default=33,
                       help="evenly spaced points on t in [-0.25, 1.25] (default: 33)")
-    demo.add_argument("--hidden", type=_int_at_least(1), default=64,
+    demo.add_argument("--hidden", type=int_at_least(1), default=64,
                       help="hidden width of the MLPs (default: 64)")
-    demo.add_argument("--epochs", type=_int_at_least(1), default=30,
+    demo.add_argument("--epochs", type=int_at_least(1), default=30,
                       help="full-batch Adam steps per model (default: 30)")
     demo.add_argument("--seed", type=int, default=0,
                       help="seeds the data split and the two models (seed, seed+1) (default: 0)")
@@ -71,36 +50,19 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--plot", action=argparse.BooleanOptionalAction, default=None,
                       help="write line.png (default: on when matplotlib is installed)")
     demo.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    return parser
+    demo.set_defaults(run=run)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the ``manifold-ext`` command line with ``argv`` (default: ``sys.argv[1:]``).
-
-    Returns the exit status (0 on success, 1 when the demo's fused and naive results disagree);
-    invalid arguments raise ``SystemExit(2)`` with argparse's message.
-    """
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.command == "info":
-        print(json.dumps(build_info(), indent=2))
-        return 0
+def run(args: argparse.Namespace) -> int:
+    """0 on success, 1 when the fused and naive results disagree."""
     if args.plot is None:
-        args.plot = _have_matplotlib()
-    elif args.plot and not _have_matplotlib():
-        parser.error("--plot needs matplotlib (pip install matplotlib), or pass --no-plot")
+        args.plot = have_matplotlib()
+    elif args.plot and not have_matplotlib():
+        raise CommandError("--plot needs matplotlib (pip install matplotlib), or pass --no-plot")
     return _demo(args)
 
 
 # ----------------------------------------------------------------------------- demo
-
-
-def _have_matplotlib() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _mlp(hidden: int) -> nn.Sequential:
@@ -192,7 +154,8 @@ def _demo(args: argparse.Namespace) -> int:
     loss0, loss1 = loss[n].item(), loss[n + 1].item()
     height, where = _barrier(t_grid, loss[:n], loss0, loss1)
     result = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                   if not callable(v)},
         "build_info": build_info(),
         "data": {"train": len(data.y_train), "test": len(y)},
         "points": [
@@ -264,6 +227,3 @@ def _plot(result: dict, path: Path) -> None:
                  f"barrier {result['barrier']['height']:.3f}", fontsize=10)
     fig.savefig(path, dpi=120)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,53 @@
+"""The ``manifold-ext`` command line.
+
+Subcommands (one module each):
+  info   what the compiled kernels were built with, and the devices (JSON)
+  demo   the fused ops on a line between two trained MLPs, checked against the naive loop
+
+Bad input is reported as one line on stderr with exit status 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from . import demo, info
+from ._args import CommandError
+
+_COMMANDS = (info, demo)
+# What counts as the user's bad input rather than a bug: reported in one line.
+_USER_ERRORS = (CommandError, ValueError, TypeError, KeyError, FileNotFoundError, IsADirectoryError,
+                PermissionError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="manifold-ext",
+        description="Rank model expansions by the size of their low-loss manifold.",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in _COMMANDS:
+        command.add_parser(sub, common)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``manifold-ext`` command line with ``argv`` (default: ``sys.argv[1:]``).
+
+    Returns the exit status: 0 on success, 1 when a check the command makes fails, 2 for bad
+    input (one line on stderr; the traceback with ``--debug``). Invalid arguments raise
+    ``SystemExit(2)`` with argparse's message.
+    """
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except _USER_ERRORS as err:
+        if args.debug:
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"manifold-ext {args.command}: error: {message}", file=sys.stderr)
+        return 2
