@@ -497,8 +497,9 @@ def simplex(
     units: str = "filter",
     seed: int = 0,
     quiet: bool = False,
+    return_vertices: bool = False,
     **kw,
-) -> ManifoldEstimate:
+):
     """Size of a low-loss k-simplex grown around the model (after Benton et al. 2021,
     "Loss surface simplexes for mode connecting volumes and fast ensembling").
 
@@ -533,7 +534,8 @@ def simplex(
 
     Returns:
         :class:`ManifoldEstimate`; ``details["log_volumes"]`` per repeat, ``details["vertex_losses"]``
-        the accepted vertices' losses (first repeat).
+        the accepted vertices' losses (first repeat). With ``return_vertices``, the pair
+        ``(estimate, vertices)``: the first repeat's vertices as states (the anchor first).
     """
     start = time.perf_counter()
     for name, v in (("k", k), ("steps", steps), ("points", points), ("batch_size", batch_size),
@@ -561,7 +563,8 @@ def simplex(
     trace: List[dict] = []
     n_eval = 1
     if not anchor_loss <= tau:
-        return _empty("simplex", space, anchor_loss, tau, n_eval, start)
+        empty = _empty("simplex", space, anchor_loss, tau, n_eval, start)
+        return (empty, [space.anchor]) if return_vertices else empty
     bar = _bar(repeats * k * steps, quiet, "simplex")
     sizes, dims, log_volumes, first = [], [], [], None
     for r in range(repeats):
@@ -582,11 +585,12 @@ def simplex(
     bar.close()
     vertex_losses = _losses(model, first, torch.eye(len(first)), data, ev_kw).tolist()
     n_eval += len(first)
-    return ManifoldEstimate(
+    est = ManifoldEstimate(
         estimator="simplex", size=sum(sizes) / len(sizes), spread=_std(sizes),
         dimension=min(dims), threshold=tau, anchor_loss=anchor_loss, units=space.units,
         n_evaluations=n_eval, seconds=time.perf_counter() - start, trace=trace,
         details={"log_volumes": log_volumes, "dimensions": dims, "vertex_losses": vertex_losses})
+    return (est, first) if return_vertices else est
 
 
 # ----------------------------------------------------------------------------- minima

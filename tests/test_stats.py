@@ -67,3 +67,23 @@ def test_errors(kwargs, msg):
     args = {"values": [1.0, 2.0, 3.0], "gains": [1.0, 3.0, 2.0], **kwargs}
     with pytest.raises(ValueError, match=msg):
         rank_correlation(args.pop("values"), args.pop("gains"), **args)
+
+
+def test_vectorised_bootstrap_equals_the_loop():
+    from manifold_ext.stats import _rho_tau, _rho_tau_batch
+    rng = np.random.default_rng(0)
+    X = np.round(rng.normal(size=(40, 25)), 1)  # ties
+    Y = X + rng.normal(size=(40, 25))
+    Y[3] = 1.0  # no variation: NaN both ways
+    batch = _rho_tau_batch(X, Y)
+    loop = np.array([_rho_tau(X[i], Y[i]) for i in range(40)])
+    np.testing.assert_allclose(batch, loop, rtol=0, atol=1e-12)
+    assert np.isnan(batch[3]).all()
+
+
+def test_unequal_clusters_take_the_general_path():
+    x, y = _data(20, 1.0)
+    labels = [0] * 5 + list(range(1, 16))  # one big cluster, the rest single
+    c = rank_correlation(x, y, groups=labels, n_boot=200)
+    assert c.spearman_ci[0] <= c.spearman <= c.spearman_ci[1]
+    assert c.n == 20

@@ -1,8 +1,12 @@
 """The ``manifold-ext`` command line.
 
 Subcommands (one module each):
+  compare rank candidate expansions by manifold size and every baseline against their gains
   info   what the compiled kernels were built with, and the devices (JSON)
   demo   the fused ops on a line between two trained MLPs, checked against the naive loop
+  probe  a loss-landscape probe (line, barrier, plane, simplex) of saved checkpoints: JSON and a plot
+  expand grow a saved model (--widen, --deepen), check function preservation, save it and its report
+  bench  run the repository's benchmark scripts by name (--list)
 
 Bad input is reported as one line on stderr with exit status 2; ``--debug`` shows the traceback.
 """
@@ -13,10 +17,10 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import demo, info
+from . import bench, compare, demo, expand, info, probe
 from ._args import CommandError
 
-_COMMANDS = (info, demo)
+_COMMANDS = (compare, info, demo, probe, expand, bench)
 # What counts as the user's bad input rather than a bug: reported in one line.
 _USER_ERRORS = (CommandError, ValueError, TypeError, KeyError, FileNotFoundError, IsADirectoryError,
                 PermissionError)

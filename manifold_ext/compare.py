@@ -1,0 +1,411 @@
+"""The compare workflow: which expansion of a base model will pay off?
+
+For every seed: train the base; for every candidate expansion, grow the base, adapt it briefly,
+measure the manifold size (every estimator, under one threshold set from the base) and every
+baseline metric on the adapted model, then fine-tune it for a fixed budget (the adaptation is its
+first epochs) and record the gain in test accuracy over the base and over the control (the base
+trained on for the same budget). Finally, correlate every metric with the gains (Spearman and
+Kendall, with bootstrap intervals that resample whole candidates).
+
+Each (seed, candidate) unit is written to ``OUT/units/`` atomically as it finishes, so a run that
+is killed and started again with ``resume=True`` loses nothing and recomputes nothing that had
+finished.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import baselines as B
+from . import manifold as M
+from .builtin import Benchmark, Candidate, Task
+from .expand import expand
+from .stats import rank_correlation
+
+ESTIMATOR_NAMES = tuple(M.ESTIMATORS)
+PRESERVING = 1e-4  # an expansion whose measured preservation error is below this preserves the function
+
+
+@dataclass
+class Settings:
+    """Everything a compare run depends on (a TOML config sets any of these by name).
+
+    Attributes:
+        seeds: seeds 0 .. seeds-1; each trains its own base and repeats every candidate.
+        base_epochs: the base's training (Adam, ``lr``, ``batch_size``).
+        adapt_epochs: the candidates' short adaptation before the metrics are measured.
+        finetune_epochs: the fixed budget of the ground truth (including the adaptation).
+        lr, batch_size: all training.
+        probe_examples: training examples the estimators and baselines see (the probe set).
+        threshold: the common loss threshold, a multiple of the base's loss on the probe set.
+        estimators: which manifold-size estimators to run.
+        estimator_options: per estimator, keyword arguments (e.g. ``{"radius": {"directions": 8}}``).
+        baselines: which baseline metrics to compute (names of :data:`manifold_ext.baselines.BASELINES`).
+        default_estimator: the estimator whose size the ranking table shows.
+        n_boot: bootstrap resamples for the correlation intervals.
+    """
+
+    seeds: int = 3
+    base_epochs: int = 15
+    adapt_epochs: int = 1
+    finetune_epochs: int = 5
+    lr: float = 1e-3
+    batch_size: int = 64
+    probe_examples: int = 512
+    threshold: float = 2.0
+    estimators: Tuple[str, ...] = ESTIMATOR_NAMES
+    estimator_options: Dict[str, dict] = field(default_factory=dict)
+    baselines: Tuple[str, ...] = tuple(B.BASELINES)
+    default_estimator: str = "radius"
+    n_boot: int = 2000
+
+    def __post_init__(self):
+        self.estimators = tuple(self.estimators)
+        self.baselines = tuple(self.baselines)
+        for name in ("seeds", "base_epochs", "adapt_epochs", "finetune_epochs", "batch_size",
+                     "probe_examples", "n_boot"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"settings: {name} must be an integer >= 1, got {v!r}")
+        if self.adapt_epochs > self.finetune_epochs:
+            raise ValueError(f"settings: adapt_epochs ({self.adapt_epochs}) must not exceed "
+                             f"finetune_epochs ({self.finetune_epochs}): the adaptation is part of the budget")
+        for name in ("lr", "threshold"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"settings: {name} must be a positive number, got {v!r}")
+        unknown = [e for e in self.estimators if e not in M.ESTIMATORS]
+        if unknown or not self.estimators:
+            raise ValueError(f"settings: unknown estimator(s) {unknown}; valid are {list(M.ESTIMATORS)}")
+        bad = [e for e in self.estimator_options if e not in M.ESTIMATORS]
+        if bad:
+            raise ValueError(f"settings: estimator_options for unknown estimator(s) {bad}; valid are {list(M.ESTIMATORS)}")
+        unknown = [b for b in self.baselines if b not in B.BASELINES]
+        if unknown:
+            raise ValueError(f"settings: unknown baseline(s) {unknown}; valid are {list(B.BASELINES)}")
+        if self.default_estimator not in self.estimators:
+            raise ValueError(f"settings: default_estimator must be one of the estimators run "
+                             f"{list(self.estimators)}, got {self.default_estimator!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Settings":
+        """Settings from a dict (a TOML config's top level); unknown keys are a ValueError."""
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ValueError(f"settings: unknown key(s) {unknown}; valid keys are {names}")
+        return cls(**d)
+
+
+QUICK = dict(seeds=2, finetune_epochs=3, probe_examples=256, n_boot=500,
+             estimator_options={"radius": {"directions": 8, "grid": (1e-3, 10.0, 10), "bisect": 8},
+                                "simplex": {"k": 1, "steps": 40, "samples": 64},
+                                "minima": {"m": 3, "samples": 64}})
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _loss(model: nn.Module, x, y) -> torch.Tensor:
+    return F.cross_entropy(model(x), y)
+
+
+def train(model: nn.Module, x, y, *, epochs: int, lr: float, batch_size: int, seed: int,
+          optimizer: Optional[torch.optim.Optimizer] = None) -> torch.optim.Optimizer:
+    """Adam on (x, y) for ``epochs`` epochs in a seeded order (in place); returns the optimiser so
+    that training can continue where it stopped."""
+    model.train()
+    opt = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), batch_size):
+            idx = perm[i:i + batch_size]
+            opt.zero_grad()
+            _loss(model, x[idx], y[idx]).backward()
+            opt.step()
+    model.eval()
+    return opt
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x, y) -> float:
+    """Test accuracy in eval mode."""
+    model.eval()
+    return (model(x).argmax(-1) == y).double().mean().item()
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, x, y) -> float:
+    model.eval()
+    return _loss(model, x, y).item()
+
+
+# ----------------------------------------------------------------------------- units
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _base(bench: Benchmark, settings: Settings, seed: int, out: Path) -> nn.Module:
+    """The seed's trained base, cached in ``OUT/bases`` so that a resumed run does not retrain."""
+    path = out / "bases" / f"seed{seed}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = bench.make_base()
+    t = bench.task
+    train(model, t.x_train, t.y_train, epochs=settings.base_epochs, lr=settings.lr,
+          batch_size=settings.batch_size, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(model, tmp)
+    os.replace(tmp, path)
+    return model
+
+
+def grow_and_adapt(base: nn.Module, candidate: Candidate, task: Task, settings: Settings, seed: int):
+    """``(expanded, adapted, optimiser, preservation_error)``: the candidate grown from the base
+    (seeded) and a copy adapted for ``adapt_epochs``; deterministic given the seed."""
+    if candidate.specs:
+        grown, report = expand(base, *candidate.specs, generator=torch.Generator().manual_seed(seed))
+        preservation = report.preservation_error
+    else:
+        grown, preservation = copy.deepcopy(base), 0.0
+    expanded = copy.deepcopy(grown)
+    opt = train(grown, task.x_train, task.y_train, epochs=settings.adapt_epochs, lr=settings.lr,
+                batch_size=settings.batch_size, seed=1000 + seed)
+    return expanded, grown, opt, preservation
+
+
+def run_unit(base: nn.Module, candidate: Candidate, task: Task, settings: Settings, seed: int,
+             tau: float) -> dict:
+    """One candidate at one seed: grow, adapt, measure every metric, fine-tune, record."""
+    start = time.perf_counter()
+    _, grown, opt, preservation = grow_and_adapt(base, candidate, task, settings, seed)
+    kw = dict(lr=settings.lr, batch_size=settings.batch_size)
+    probe = (task.x_train[:settings.probe_examples], task.y_train[:settings.probe_examples])
+    sizes, estimates = {}, {}
+    for name in settings.estimators:
+        opts = settings.estimator_options.get(name, {})
+        est = M.ESTIMATORS[name](grown, probe, tau=tau, seed=seed, quiet=True, **opts)
+        sizes[name] = est.size
+        estimates[name] = {k: v for k, v in asdict(est).items() if k not in ("trace",)}
+    report = B.compute_baselines(grown, probe, seed=seed, include=settings.baselines, quiet=True)
+    adapted_loss = mean_loss(grown, *probe)
+    # The rest of the budget, continuing the adaptation's optimiser.
+    train(grown, task.x_train, task.y_train, epochs=settings.finetune_epochs - settings.adapt_epochs,
+          seed=2000 + seed, optimizer=opt, **kw)
+    return {
+        "seed": seed, "candidate": candidate.name,
+        "parameters": sum(p.numel() for p in grown.parameters()),
+        "preservation_error": preservation,
+        "adapted_probe_loss": adapted_loss,
+        "test_accuracy": accuracy(grown, task.x_test, task.y_test),
+        "test_loss": mean_loss(grown, task.x_test, task.y_test),
+        "sizes": sizes, "baselines": report.values, "baseline_seconds": report.seconds,
+        "estimates": estimates, "seconds": time.perf_counter() - start,
+    }
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class CompareResult:
+    """Everything a compare run produced.
+
+    Attributes:
+        settings: as run.
+        candidates: the candidates, as dicts.
+        bases: per seed, the base's test accuracy, probe loss and the common threshold.
+        units: one record per (seed, candidate): sizes, baselines, gains, timings.
+        ranking: one row per candidate: mean gains, parameters, mean default size.
+        correlations: one row per metric: Spearman and Kendall with the gains over the base,
+            with intervals; Spearman over the function-preserving expansions and the control
+            alone; and the share of equal-size candidate pairs put in the right order.
+    """
+
+    settings: dict
+    candidates: List[dict]
+    bases: List[dict]
+    units: List[dict]
+    ranking: List[dict]
+    correlations: List[dict]
+    seconds: float = 0.0
+
+    def to_json(self, path: Optional[Path] = None) -> str:
+        text = json.dumps(asdict(self), indent=1, default=str)
+        if path is not None:
+            _atomic_write(Path(path), text)
+        return text
+
+
+def _check_config(out: Path, config: dict, resume: bool) -> None:
+    path = out / "config.json"
+    if path.exists():
+        if not resume:
+            raise ValueError(f"{out} already holds a compare run; pass resume=True (--resume) to "
+                             "continue it, or choose another output directory")
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is corrupt ({err}); remove the directory to start afresh") from None
+        if old != config:
+            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            raise ValueError(f"cannot resume {out}: its settings differ in {diff}")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, json.dumps(config, indent=1, sort_keys=True, default=str))
+
+
+def _load_unit(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # absent or torn: recomputed
+
+
+def compare(bench: Benchmark, settings: Settings, out: Path, *, resume: bool = False,
+            quiet: bool = False) -> CompareResult:
+    """Run the whole workflow on ``bench`` (see the module docstring) and write
+    ``OUT/results.json``; every unit is also kept in ``OUT/units``, and each seed's base in
+    ``OUT/bases``."""
+    start = time.perf_counter()
+    out = Path(out)
+    config = {"model": bench.model, "task": bench.task.name, "settings": asdict(settings),
+              "candidates": [c.to_dict() for c in bench.candidates]}
+    config = json.loads(json.dumps(config, default=str))
+    _check_config(out, config, resume)
+    names = [c.name for c in bench.candidates]
+    if len(set(names)) != len(names):
+        raise ValueError(f"candidate names must be unique, got duplicates "
+                         f"{sorted({n for n in names if names.count(n) > 1})}")
+    units, bases = [], []
+    total = settings.seeds * len(bench.candidates)
+    bar = tqdm(total=total, desc="compare", unit="candidate", leave=False,
+               disable=quiet or not sys.stderr.isatty())
+    t = bench.task
+    for seed in range(settings.seeds):
+        base = _base(bench, settings, seed, out)
+        probe = (t.x_train[:settings.probe_examples], t.y_train[:settings.probe_examples])
+        base_loss = mean_loss(base, *probe)
+        tau = settings.threshold * base_loss
+        bases.append({"seed": seed, "test_accuracy": accuracy(base, t.x_test, t.y_test),
+                      "probe_loss": base_loss, "threshold": tau,
+                      "parameters": sum(p.numel() for p in base.parameters())})
+        for cand in bench.candidates:
+            path = out / "units" / f"seed{seed}" / f"{_safe(cand.name)}.json"
+            unit = _load_unit(path) if resume else None
+            if unit is None:
+                unit = run_unit(base, cand, t, settings, seed, tau)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _atomic_write(path, json.dumps(unit, indent=1))
+            units.append(unit)
+            bar.update()
+            bar.set_postfix_str(f"seed {seed}: {cand.name}")
+    bar.close()
+    result = summarise(bench, settings, bases, units)
+    result.seconds = time.perf_counter() - start
+    result.to_json(out / "results.json")
+    return result
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def metric_names(settings: Settings) -> List[str]:
+    """Every metric compared: ``size_<estimator>`` then the baselines."""
+    return [f"size_{e}" for e in settings.estimators] + list(settings.baselines)
+
+
+def _metric(unit: dict, name: str) -> float:
+    if name.startswith("size_"):
+        return unit["sizes"][name[5:]]
+    return unit["baselines"][name]
+
+
+def _equal_size_order(units: List[dict], name: str) -> Optional[float]:
+    """Share of pairs of candidates with equal parameter counts (same seed) that the metric puts
+    in the order of their gains (ties in either count half)."""
+    score, pairs = 0.0, 0
+    for i, a in enumerate(units):
+        for b in units[i + 1:]:
+            if a["seed"] != b["seed"] or a["parameters"] != b["parameters"]:
+                continue
+            dg = a["gain_over_base"] - b["gain_over_base"]
+            dm = _metric(a, name) - _metric(b, name)
+            if math.isnan(dm):
+                continue
+            pairs += 1
+            score += 0.5 if dg == 0 or dm == 0 else float((dg > 0) == (dm > 0))
+    return score / pairs if pairs else None
+
+
+def summarise(bench: Benchmark, settings: Settings, bases: List[dict], units: List[dict]) -> CompareResult:
+    """Gains, the ranking and the correlation tables from the units."""
+    base_acc = {b["seed"]: b["test_accuracy"] for b in bases}
+    control = {u["seed"]: u["test_accuracy"] for u in units if u["candidate"] == "control"}
+    for u in units:
+        u["gain_over_base"] = 100 * (u["test_accuracy"] - base_acc[u["seed"]])
+        u["gain_over_control"] = (100 * (u["test_accuracy"] - control[u["seed"]])
+                                  if u["seed"] in control else None)
+    ranking = []
+    for cand in bench.candidates:
+        mine = [u for u in units if u["candidate"] == cand.name]
+        gains = torch.tensor([u["gain_over_base"] for u in mine], dtype=torch.float64)
+        sizes = [u["sizes"][settings.default_estimator] for u in mine]
+        finite = [s for s in sizes if math.isfinite(s)]
+        ranking.append({
+            "candidate": cand.name, "parameters": mine[0]["parameters"],
+            "gain_over_base": gains.mean().item(),
+            "gain_std": gains.std().item() if len(mine) > 1 else None,
+            "gain_over_control": (sum(u["gain_over_control"] for u in mine) / len(mine)
+                                  if all(u["gain_over_control"] is not None for u in mine) else None),
+            "size": sum(finite) / len(finite) if len(finite) == len(sizes) else -math.inf,
+            "empty": len(sizes) - len(finite),
+        })
+    ranking.sort(key=lambda r: r["size"], reverse=True)
+    for i, r in enumerate(ranking):
+        r["rank"] = i + 1
+    gains = [u["gain_over_base"] for u in units]
+    groups = [u["candidate"] for u in units]
+    # The function-preserving expansions (and the control): a subset fixed before any metric is
+    # seen, without the broken candidates whose collapse any metric can spot.
+    kept = [i for i, u in enumerate(units)
+            if u["preservation_error"] is not None and u["preservation_error"] <= PRESERVING]
+    correlations = []
+    for name in metric_names(settings):
+        values = [_metric(u, name) for u in units]
+        c = rank_correlation(values, gains, metric=name, groups=groups, n_boot=settings.n_boot, seed=0)
+        row = asdict(c)
+        sub = rank_correlation([values[i] for i in kept], [gains[i] for i in kept], groups=[groups[i] for i in kept],
+                               n_boot=settings.n_boot, seed=0)
+        row["preserving_spearman"], row["preserving_spearman_ci"], row["preserving_n"] = \
+            sub.spearman, sub.spearman_ci, sub.n
+        row["equal_size_order"] = _equal_size_order(units, name)
+        correlations.append(row)
+    return CompareResult(settings=json.loads(json.dumps(asdict(settings), default=str)),
+                         candidates=[c.to_dict() for c in bench.candidates], bases=bases,
+                         units=units, ranking=ranking, correlations=correlations)

@@ -1,0 +1,268 @@
+"""The compare workflow and its command line: results, gains, resume after SIGKILL, bad input."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from manifold_ext import builtin, compare as C
+from manifold_ext.builtin import Benchmark, Candidate
+from manifold_ext.cli import main
+from manifold_ext.expand import Deepen, Widen
+
+TINY = dict(seeds=2, base_epochs=2, adapt_epochs=1, finetune_epochs=2, probe_examples=64, n_boot=50,
+            estimator_options={"radius": {"directions": 3, "grid": [1e-3, 10.0, 6], "bisect": 3},
+                               "simplex": {"k": 1, "steps": 4, "samples": 16, "line_search": 2},
+                               "minima": {"m": 2, "samples": 16}})
+
+TINY_TOML = """
+seeds = 2
+base_epochs = 2
+adapt_epochs = 1
+finetune_epochs = 2
+probe_examples = 64
+n_boot = 50
+
+[estimator_options.radius]
+directions = 3
+grid = [0.001, 10.0, 6]
+bisect = 3
+
+[estimator_options.simplex]
+k = 1
+steps = 4
+samples = 16
+line_search = 2
+
+[estimator_options.minima]
+m = 2
+samples = 16
+
+[[candidates]]
+name = "control"
+
+[[candidates]]
+name = "wide"
+specs = [{type = "widen", target = "*", factor = 2, init = "zero"}]
+
+[[candidates]]
+name = "deep random"
+specs = [{type = "deepen", after = "3", init = "random"}]
+"""
+
+
+def _tiny_bench():
+    b = builtin.benchmark("mlp")
+    b.candidates = [Candidate("control"), Candidate("wide", (Widen("*", factor=2, init="zero"),)),
+                    Candidate("deep random", (Deepen(after="3", init="random"),))]
+    return b
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cmp") / "run"
+    result = C.compare(_tiny_bench(), C.Settings(**TINY), out, quiet=True)
+    return out, result
+
+
+def test_results_gains_and_tables(tiny_run):
+    out, result = tiny_run
+    assert (out / "results.json").exists() and len(list((out / "units").rglob("*.json"))) == 6
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["ranking"] == json.loads(json.dumps(result.ranking))
+    bench = _tiny_bench()
+    for seed in range(2):
+        base = torch.load(out / "bases" / f"seed{seed}.pt", weights_only=False)
+        base_acc = C.accuracy(base, bench.task.x_test, bench.task.y_test)
+        assert result.bases[seed]["test_accuracy"] == base_acc
+        assert result.bases[seed]["threshold"] == pytest.approx(
+            2.0 * C.mean_loss(base, bench.task.x_train[:64], bench.task.y_train[:64]))
+        units = {u["candidate"]: u for u in result.units if u["seed"] == seed}
+        for u in units.values():
+            assert u["gain_over_base"] == pytest.approx(100 * (u["test_accuracy"] - base_acc))
+            assert u["gain_over_control"] == pytest.approx(
+                100 * (u["test_accuracy"] - units["control"]["test_accuracy"]))
+        assert units["wide"]["parameters"] == 2166 and units["control"]["parameters"] == 967
+        assert units["wide"]["preservation_error"] < 1e-6  # zero-init widening preserves the function
+    assert [r["rank"] for r in result.ranking] == [1, 2, 3]
+    sizes = [r["size"] for r in result.ranking]
+    assert sizes == sorted(sizes, reverse=True)
+    metrics = [c["metric"] for c in result.correlations]
+    assert metrics == C.metric_names(C.Settings(**TINY)) and len(metrics) == 3 + 12
+    for c in result.correlations:
+        assert c["n"] == 6
+
+
+def test_a_unit_is_reproducible(tiny_run):
+    out, result = tiny_run
+    bench = _tiny_bench()
+    base = torch.load(out / "bases" / "seed1.pt", weights_only=False)
+    unit = C.run_unit(base, bench.candidates[1], bench.task, C.Settings(**TINY), 1,
+                      result.bases[1]["threshold"])
+    saved = json.loads((out / "units" / "seed1" / "wide.json").read_text())
+    assert unit["test_accuracy"] == saved["test_accuracy"]
+    assert unit["sizes"] == pytest.approx(saved["sizes"])
+
+
+def test_resume_recomputes_nothing_and_refuses_other_settings(tiny_run, monkeypatch):
+    out, result = tiny_run
+
+    def boom(*a, **k):
+        raise AssertionError("a finished unit was recomputed")
+
+    monkeypatch.setattr(C, "run_unit", boom)
+    again = C.compare(_tiny_bench(), C.Settings(**TINY), out, resume=True, quiet=True)
+    assert again.units == result.units
+    with pytest.raises(ValueError, match="already holds a compare run; pass resume=True"):
+        C.compare(_tiny_bench(), C.Settings(**TINY), out, quiet=True)
+    with pytest.raises(ValueError, match=r"cannot resume .*: its settings differ in \['settings'\]"):
+        C.compare(_tiny_bench(), C.Settings(**{**TINY, "lr": 0.01}), out, resume=True, quiet=True)
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    ({"seeds": 0}, "settings: seeds must be an integer >= 1, got 0"),
+    ({"lr": -1.0}, "settings: lr must be a positive number, got -1.0"),
+    ({"adapt_epochs": 6}, r"adapt_epochs \(6\) must not exceed finetune_epochs \(5\)"),
+    ({"estimators": ("radius", "volume")}, r"unknown estimator\(s\) \['volume'\]"),
+    ({"baselines": ("snip", "magic")}, r"unknown baseline\(s\) \['magic'\]"),
+    ({"estimators": ("simplex",)}, r"default_estimator must be one of the estimators run \['simplex'\], got 'radius'"),
+    ({"estimator_options": {"volume": {}}}, r"estimator_options for unknown estimator\(s\) \['volume'\]"),
+])
+def test_settings_errors(kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        C.Settings(**kwargs)
+
+
+def test_settings_from_dict_rejects_unknown_keys():
+    with pytest.raises(ValueError, match=r"settings: unknown key\(s\) \['epochs'\]; valid keys are"):
+        C.Settings.from_dict({"epochs": 3})
+
+
+def test_candidate_round_trip_and_spec_errors():
+    c = Candidate("x", (Widen("*", factor=2, init="zero"), Deepen(after="3", count=2)))
+    assert Candidate.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    with pytest.raises(ValueError, match="a spec's type must be 'widen' or 'deepen', got 'grow'"):
+        builtin.spec_from_dict({"type": "grow"})
+    with pytest.raises(ValueError, match=r"Widen: invalid keys \['width'\]"):
+        builtin.spec_from_dict({"type": "widen", "target": "*", "width": 3})
+
+
+def test_builtin_benchmarks_have_equal_size_pairs_and_enough_candidates():
+    b = builtin.benchmark("mlp")
+    assert len(b.candidates) >= 12 and b.candidates[0].name == "control"
+    from manifold_ext.expand import expand
+    base = b.make_base()
+    size = {c.name: sum(p.numel() for p in (expand(base, *c.specs)[0] if c.specs else base).parameters())
+            for c in b.candidates}
+    assert size["depth +1 identity"] == size["width +6 net2net (= depth +1)"] == 967 + 132
+    assert size["depth +2 identity"] == size["width +12 zero (= depth +2)"] == 967 + 264
+    for model, task in (("cnn", "digits"), ("transformer", "modular")):
+        b = builtin.benchmark(model, task)
+        base = b.make_base()
+        for c in b.candidates:  # every candidate grows and runs on its task
+            grown = expand(base, *c.specs)[0] if c.specs else base
+            assert grown(b.task.x_test[:3]).shape == (3, int(b.task.y_train.max()) + 1)
+    with pytest.raises(ValueError, match=r"no built-in benchmark for model 'cnn' on task 'modular'"):
+        builtin.benchmark("cnn", "modular")
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _cli(tmp_path, *args):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TINY_TOML)
+    return main(["compare", "--config", str(cfg), "--no-plot", "--quiet", *args])
+
+
+def test_cli_writes_json_csv_and_plots(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TINY_TOML)
+    out = tmp_path / "run"
+    assert main(["compare", "--config", str(cfg), "--out", str(out), "--plot"]) == 0
+    printed = capsys.readouterr().out
+    assert "Ranking by manifold size (radius" in printed and "size_minima" in printed
+    for name in ("results.json", "results.csv", "metrics_vs_gain.png", "paths.png", "simplex_slice.png"):
+        assert (out / name).stat().st_size > 0, name
+    rows = (out / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 6
+    header = rows[0].split(",")
+    assert "size_radius" in header and "hessian_top_eig" in header and "gain_over_control" in header
+
+
+def test_cli_user_data(tmp_path):
+    g = np.random.default_rng(0)
+    X = g.normal(size=(120, 20)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(np.int64) + 2 * (X[:, 1] > 0)
+    np.savez(tmp_path / "d.npz", X=X, y=y)
+    (tmp_path / "tiny.toml").write_text(TINY_TOML.replace('after = "3"', 'after = "3"'))
+    out = tmp_path / "run"
+    assert _cli(tmp_path, "--data", str(tmp_path / "d.npz"), "--out", str(out)) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["bases"][0]["parameters"] == 20 * 11 + 11 + 11 * 11 + 11 + 11 * 4 + 4
+
+
+@pytest.mark.parametrize("setup,args,msg", [
+    (None, ["--config", "missing.toml"], "--config: no such file 'missing.toml'"),
+    ("bad.toml:seeds = [", ["--config", "bad.toml"], "--config: 'bad.toml' is not valid TOML"),
+    ("k.toml:epochs = 3", ["--config", "k.toml"], r"--config: settings: unknown key\(s\) \['epochs'\]"),
+    ("v.toml:seeds = 0", ["--config", "v.toml"], "--config: settings: seeds must be an integer >= 1, got 0"),
+    ("e.toml:estimators = ['volume']", ["--config", "e.toml"], r"unknown estimator\(s\) \['volume'\]"),
+    ("c.toml:[[candidates]]\nname = 'x'\nspecs = [{type = 'grow'}]", ["--config", "c.toml"],
+     "a spec's type must be 'widen' or 'deepen', got 'grow'"),
+    (None, ["--data", "none.npz"], "--data: no such file 'none.npz'"),
+    ("d.npz", ["--data", "d.npz"], r"--data: the mlp takes X of 2 dimensions \(\(N, features\)\), got \(12, 2, 3\)"),
+    ("bad.npz:not a zip", ["--data", "bad.npz"], "--data: cannot read 'bad.npz'"),
+    (None, ["--resume"], "--resume needs --out: the directory of the run to continue"),
+    (None, ["--resume", "--out", "."], "--resume: '.' holds no compare run"),
+])
+def test_cli_bad_input_is_one_line(tmp_path, monkeypatch, capsys, setup, args, msg):
+    monkeypatch.chdir(tmp_path)
+    if setup == "d.npz":
+        np.savez("d.npz", X=np.zeros((12, 2, 3), np.float32), y=np.zeros(12, np.int64))
+    elif setup:
+        name, text = setup.split(":", 1)
+        Path(name).write_text(text)
+    assert main(["compare", "--no-plot", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("manifold-ext compare: error: ") and len(err.strip().splitlines()) == 1
+    import re
+    assert re.search(msg, err), err
+
+
+def test_sigkill_then_resume_loses_and_recomputes_nothing(tmp_path):
+    """Kill a run with SIGKILL after some candidates finished; --resume must keep those files
+    untouched (not recomputed) and complete the rest."""
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TINY_TOML.replace("seeds = 2", "seeds = 3"))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "manifold_ext", "compare", "--config", str(cfg), "--out", str(out),
+           "--no-plot", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "units").rglob("*.json"))) < 3:
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before it could be killed: {proc.stderr.read().decode()}")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (out / "units").rglob("*.json")}
+    bases = {p: p.stat().st_mtime_ns for p in (out / "bases").glob("*.pt")}
+    assert 3 <= len(done) < 9, "the kill came too late to test anything"
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    for p, (mtime, data) in done.items():
+        assert p.stat().st_mtime_ns == mtime and p.read_bytes() == data, f"{p} was recomputed"
+    for p, mtime in bases.items():
+        assert p.stat().st_mtime_ns == mtime, f"{p} was retrained"
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["units"]) == 9 and not list(out.rglob("*.tmp"))
