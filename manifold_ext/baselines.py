@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import sys
 import time
@@ -36,6 +37,7 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from . import params as P
@@ -54,6 +56,17 @@ _PROBE_BLOCK_ELEMS = 1 << 16
 
 
 # ----------------------------------------------------------------------------- checks
+
+
+def _math_attention(fn):
+    """Run ``fn`` with ``scaled_dot_product_attention`` on PyTorch's math backend: the fused CPU
+    kernels have neither a double backward (Hessian-vector products) nor a vmap rule for
+    per-example gradients."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with sdpa_kernel([SDPBackend.MATH]):
+            return fn(*args, **kwargs)
+    return wrapped
 
 
 def _check_model(model) -> nn.Module:
@@ -315,6 +328,7 @@ def synflow(model: nn.Module, *, input_shape: Sequence[int]) -> float:
     return sum((p.detach() * gi).sum().item() for p, gi in zip(params, g))
 
 
+@_math_attention
 def fisher(model: nn.Module, data: Data, *, batch_size: Optional[int] = None) -> float:
     """Trace of the empirical Fisher information, ``(1/N) sum_i ||grad_theta l_i(theta)||^2``,
     with ``l_i`` the cross-entropy of example i at its true label (Kunstner, Balles and Hennig
@@ -445,6 +459,7 @@ class _Curvature:
         return out / self.total
 
 
+@_math_attention
 def hessian_trace(model: nn.Module, data: Data, *, probes: int = 64, seed: int = 0,
                   batch_size: Optional[int] = None) -> Estimate:
     """Trace of the Hessian of the mean loss by Hutchinson's estimator (Hutchinson 1990; as a
@@ -483,6 +498,7 @@ def hessian_trace(model: nn.Module, data: Data, *, probes: int = 64, seed: int =
     return _estimate(draws / curv.total)
 
 
+@_math_attention
 def hessian_top_eigenvalue(model: nn.Module, data: Data, *, iters: int = 50, tol: float = 1e-4,
                            seed: int = 0, batch_size: Optional[int] = None) -> float:
     """The largest (algebraic) eigenvalue of the Hessian of the mean loss: the usual sharpness
@@ -633,6 +649,11 @@ BASELINES: "OrderedDict[str, Baseline]" = OrderedDict([
 ])
 
 
+# Metrics defined through real-valued inputs (an all-ones input, or gradients with respect to the
+# input): NaN for integer inputs such as token ids.
+_NEEDS_REAL_INPUTS = ("synflow", "jacob_cov")
+
+
 @dataclass
 class BaselineReport(_Result):
     """Values of the baselines computed (name -> float, in :data:`BASELINES` order), the seconds
@@ -663,6 +684,8 @@ def compute_baselines(model: nn.Module, data: Data, *, input_shape: Optional[Seq
 
     Returns:
         :class:`BaselineReport`. An exception from a metric propagates with a note naming it.
+        ``synflow`` and ``jacob_cov`` are NaN for integer inputs (token ids): both need
+        real-valued inputs.
     """
     _check_model(model)
     x, y = _check_data(data)
@@ -705,6 +728,9 @@ def compute_baselines(model: nn.Module, data: Data, *, input_shape: Optional[Seq
                     shared.append((result, time.perf_counter() - start))
                 values[name] = float(getattr(shared[0][0], name))
                 seconds[name] = shared[0][1]
+                continue
+            if name in _NEEDS_REAL_INPUTS and not x.is_floating_point():
+                values[name], seconds[name] = math.nan, 0.0  # no gradient w.r.t. token ids
                 continue
             result = runners[name]()
         except Exception as err:

@@ -411,13 +411,22 @@ def test_compute_baselines_include_selects_in_registry_order():
         B.compute_baselines(model, DATA, include=["snip", "hessian"])
 
 
-def test_compute_baselines_names_the_failing_metric():
+def test_compute_baselines_names_the_failing_metric(monkeypatch):
+    def broken(*args, **kwargs):
+        raise ValueError("hessian_trace failed")
+
+    monkeypatch.setattr(B, "hessian_trace", broken)
+    with pytest.raises(ValueError, match="hessian_trace failed") as info:
+        B.compute_baselines(tanh_mlp(), DATA, include=["loss", "hessian_trace"], quiet=True)
+    assert "while computing baseline 'hessian_trace'" in info.value.__notes__
+
+
+def test_jacob_cov_called_directly_on_tokens_says_why():
     model = nn.Sequential(nn.Embedding(7, 4), nn.Flatten(), nn.Linear(8, 3)).double()
     tokens = torch.randint(0, 7, (10, 2), generator=torch.Generator().manual_seed(0))
     data = (tokens, torch.randint(0, 3, (10,), generator=torch.Generator().manual_seed(1)))
-    with pytest.raises(ValueError, match="jacob_cov needs floating-point inputs") as info:
-        B.compute_baselines(model, data, include=["loss", "jacob_cov"], quiet=True)
-    assert "while computing baseline 'jacob_cov'" in info.value.__notes__
+    with pytest.raises(ValueError, match="jacob_cov needs floating-point inputs"):
+        B.jacob_cov(model, data)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -462,3 +471,14 @@ def test_models_without_trainable_parameters_and_non_modules_are_rejected():
         B.gradient_norm(frozen, DATA)
     with pytest.raises(TypeError, match=r"model must be an nn.Module, got dict"):
         B.parameter_count({})
+
+
+def test_token_inputs_leave_input_based_metrics_nan():
+    from manifold_ext.models import TinyTransformer
+    torch.manual_seed(0)
+    model = TinyTransformer(7, 3, 8, 2, 4)
+    x = torch.randint(0, 7, (20, 3))
+    y = torch.randint(0, 4, (20,))
+    report = B.compute_baselines(model, (x, y), quiet=True)
+    assert math.isnan(report.values["synflow"]) and math.isnan(report.values["jacob_cov"])
+    assert all(math.isfinite(v) for k, v in report.values.items() if k not in ("synflow", "jacob_cov"))

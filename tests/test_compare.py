@@ -219,9 +219,9 @@ def test_cli_user_data(tmp_path):
     ("e.toml:estimators = ['volume']", ["--config", "e.toml"], r"unknown estimator\(s\) \['volume'\]"),
     ("c.toml:[[candidates]]\nname = 'x'\nspecs = [{type = 'grow'}]", ["--config", "c.toml"],
      "a spec's type must be 'widen' or 'deepen', got 'grow'"),
-    (None, ["--data", "none.npz"], "--data: no such file 'none.npz'"),
+    (None, ["--data", "none.npz"], "--data none.npz: no such file"),
     ("d.npz", ["--data", "d.npz"], r"--data: the mlp takes X of 2 dimensions \(\(N, features\)\), got \(12, 2, 3\)"),
-    ("bad.npz:not a zip", ["--data", "bad.npz"], "--data: cannot read 'bad.npz'"),
+    ("bad.npz:not a zip", ["--data", "bad.npz"], "--data bad.npz: numpy cannot read it as .npz"),
     (None, ["--resume"], "--resume needs --out: the directory of the run to continue"),
     (None, ["--resume", "--out", "."], "--resume: '.' holds no compare run"),
 ])

@@ -270,14 +270,16 @@ class Data:
     label: str  # for messages and summaries
 
 
-def _as_tensor(value, name: str, label: str) -> Tensor:
+def as_tensor(value, name: str, label: str) -> Tensor:
+    """``value`` as a tensor, or a CommandError naming --data and what it holds."""
     try:
         return torch.as_tensor(value)
     except Exception:  # noqa: BLE001
         raise CommandError(f"--data {label}: {name} must be an array or tensor, got {_describe(value)}") from None
 
 
-def _read_file(path: Path):
+def read_arrays(path: Path):
+    """The raw (X, y) of a .npz or .pt data file (CommandError naming --data otherwise)."""
     label = str(path)
     if not path.exists():
         raise CommandError(f"--data {label}: no such file")
@@ -328,8 +330,8 @@ def load_data(source: str, model: nn.Module, *, check_rows: int = 256) -> Data:
             x = x.reshape(-1, 1, 8, 8)
     else:
         label = source
-        xv, yv = _read_file(Path(source))
-        x, y = _as_tensor(xv, "X", label), _as_tensor(yv, "y", label)
+        xv, yv = read_arrays(Path(source))
+        x, y = as_tensor(xv, "X", label), as_tensor(yv, "y", label)
     if x.dim() == 0 or y.dim() != 1:
         raise CommandError(f"--data {label}: expected X with one row per example and y of shape (N,), got X of "
                            f"shape {tuple(x.shape)} and y of shape {tuple(y.shape)}")

@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
 from .. import compare as C
 from ..builtin import Benchmark, Candidate, Task, benchmark
 from ._args import CommandError, have_matplotlib, int_at_least
+from ._load import as_tensor, read_arrays
 
 
 def add_parser(sub, common) -> None:
@@ -68,30 +68,8 @@ def _load_config(path: Path) -> dict:
 
 
 def _load_data(path: Path) -> tuple:
-    if not path.is_file():
-        raise CommandError(f"--data: no such file {str(path)!r}")
-    try:
-        if path.suffix == ".npz":
-            with np.load(path) as f:
-                if "X" not in f or "y" not in f:
-                    raise CommandError(f"--data: {str(path)!r} must hold arrays 'X' and 'y', has {sorted(f.files)}")
-                X, y = torch.as_tensor(f["X"]), torch.as_tensor(f["y"])
-        elif path.suffix == ".pt":
-            obj = torch.load(path, weights_only=True)
-            if isinstance(obj, dict) and "X" in obj and "y" in obj:
-                X, y = obj["X"], obj["y"]
-            elif isinstance(obj, (tuple, list)) and len(obj) == 2:
-                X, y = obj
-            else:
-                raise CommandError(f"--data: {str(path)!r} must hold a dict with 'X' and 'y' or a tuple (X, y)")
-            X, y = torch.as_tensor(X), torch.as_tensor(y)
-        else:
-            raise CommandError(f"--data: expected a .npz or .pt file, got {str(path)!r}")
-    except CommandError:
-        raise
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's input
-        raise CommandError(f"--data: cannot read {str(path)!r}: {err}") from None
-    return X, y
+    X, y = read_arrays(path)
+    return as_tensor(X, "X", str(path)), as_tensor(y, "y", str(path))
 
 
 def _user_task(X: torch.Tensor, y: torch.Tensor, model: str) -> Task:
