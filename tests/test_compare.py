@@ -266,3 +266,23 @@ def test_sigkill_then_resume_loses_and_recomputes_nothing(tmp_path):
         assert p.stat().st_mtime_ns == mtime, f"{p} was retrained"
     res = json.loads((out / "results.json").read_text())
     assert len(res["units"]) == 9 and not list(out.rglob("*.tmp"))
+
+
+def test_python_api_with_own_model_data_and_candidates(tmp_path):
+    """A user's own task, base-model factory and candidates through the Python API."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(150, 7, generator=g)
+    y = (X[:, 0] + X[:, 1] > 0).long()
+    task = builtin.Task("mine", X[:100], y[:100], X[100:], y[100:])
+
+    def make():
+        return torch.nn.Sequential(torch.nn.Linear(7, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+
+    bench = Benchmark("mine", task, make, [Candidate("control"),
+                                           Candidate("wider", (Widen("0", size=6, init="net2net"),))])
+    settings = C.Settings(**{**TINY, "estimators": ("radius",), "baselines": ("parameters", "loss")})
+    result = C.compare(bench, settings, tmp_path / "run", quiet=True)
+    assert [c["metric"] for c in result.correlations] == ["size_radius", "parameters", "loss"]
+    params = {u["candidate"]: u["parameters"] for u in result.units}
+    assert params == {"control": 7 * 3 + 3 + 3 * 2 + 2, "wider": 7 * 6 + 6 + 6 * 2 + 2}
+    assert all(math.isfinite(u["sizes"]["radius"]) for u in result.units)
