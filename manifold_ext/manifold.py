@@ -177,6 +177,15 @@ def _setup(model, data, units, tau, epsilon, relative, ev_kw) -> Tuple[_Space, f
     return space, anchor_loss, tau
 
 
+def _evaluation_options(kw: dict) -> dict:
+    """The engine's options for estimators that train (their own ``batch_size`` is the training
+    minibatch, so the evaluation's chunk size comes as ``eval_batch_size``)."""
+    out = {"loss": "cross_entropy", "bn": "recompute", **kw}
+    if "eval_batch_size" in out:
+        out["batch_size"] = out.pop("eval_batch_size")
+    return out
+
+
 def _bar(total: int, quiet: bool, desc: str):
     return tqdm(total=total, desc=desc, leave=False, disable=quiet or not sys.stderr.isatty())
 
@@ -552,10 +561,8 @@ def simplex(
         raise ValueError(f"objective must be 'threshold' or 'benton', got {objective!r}")
     if not init > 0:
         raise ValueError(f"init must be positive, got {init}")
-    loss, bn = kw.pop("loss", "cross_entropy"), kw.pop("bn", "recompute")
-    ev_kw = {"loss": loss, "bn": bn, **kw}
-    if "eval_batch_size" in ev_kw:
-        ev_kw["batch_size"] = ev_kw.pop("eval_batch_size")
+    ev_kw = _evaluation_options(kw)
+    loss, bn = ev_kw["loss"], ev_kw["bn"]
     space, anchor_loss, tau = _setup(model, data, units, tau, epsilon, relative, ev_kw)
     train = data if train_data is None else train_data
     if len(train[0]) == 0:
@@ -742,10 +749,8 @@ def minima(
         raise ValueError(f"lr must be positive, got {lr}")
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
-    loss = kw.get("loss", "cross_entropy")
-    ev_kw = dict(kw)
-    if "eval_batch_size" in ev_kw:
-        ev_kw["batch_size"] = ev_kw.pop("eval_batch_size")
+    ev_kw = _evaluation_options(kw)
+    loss = ev_kw["loss"]
     space, anchor_loss, tau = _setup(model, data, units, tau, epsilon, relative, ev_kw)
     train = data if train_data is None else train_data
     if len(train[0]) == 0:
