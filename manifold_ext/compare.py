@@ -9,7 +9,7 @@ Kendall, with bootstrap intervals that resample whole candidates).
 
 Each (seed, candidate) unit is written to ``OUT/units/`` atomically as it finishes, so a run that
 is killed and started again with ``resume=True`` loses nothing and recomputes nothing that had
-finished.
+finished. Under ``torchrun``, the units are spread across the ranks (:func:`compare`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import baselines as B
+from . import distributed as D
 from . import manifold as M
 from .builtin import Benchmark, Candidate, Task
 from .expand import expand
@@ -291,45 +292,80 @@ def compare(bench: Benchmark, settings: Settings, out: Path, *, resume: bool = F
             quiet: bool = False) -> CompareResult:
     """Run the whole workflow on ``bench`` (see the module docstring) and write
     ``OUT/results.json``; every unit is also kept in ``OUT/units``, and each seed's base in
-    ``OUT/bases``."""
+    ``OUT/bases``.
+
+    Under ``torch.distributed`` (:mod:`manifold_ext.distributed`), rank 0 trains the bases and
+    sends them to every rank, the units are dealt round-robin across the ranks (each writes its
+    own unit files as they finish: give every rank the same ``out``, e.g. a shared file system),
+    and rank 0 gathers them, writes any unit file it lacks and the results. Every rank returns
+    the same result, equal to a single process's."""
     start = time.perf_counter()
     out = Path(out)
-    config = {"model": bench.model, "task": bench.task.name, "settings": asdict(settings),
-              "candidates": [c.to_dict() for c in bench.candidates]}
-    config = json.loads(json.dumps(config, default=str))
-    _check_config(out, config, resume)
     names = [c.name for c in bench.candidates]
     if len(set(names)) != len(names):
         raise ValueError(f"candidate names must be unique, got duplicates "
                          f"{sorted({n for n in names if names.count(n) > 1})}")
-    units, bases = [], []
-    total = settings.seeds * len(bench.candidates)
-    bar = tqdm(total=total, desc="compare", unit="candidate", leave=False,
-               disable=quiet or not sys.stderr.isatty())
+    config = {"model": bench.model, "task": bench.task.name, "settings": asdict(settings),
+              "candidates": [c.to_dict() for c in bench.candidates]}
+    config = json.loads(json.dumps(config, default=str))
     t = bench.task
-    for seed in range(settings.seeds):
-        base = _base(bench, settings, seed, out)
-        probe = (t.x_train[:settings.probe_examples], t.y_train[:settings.probe_examples])
+    probe = (t.x_train[:settings.probe_examples], t.y_train[:settings.probe_examples])
+    # Rank 0 checks the directory and trains (or loads) the bases; every rank then has the
+    # same ones, or the same error.
+    failure, base_models = None, None
+    if D.is_main():
+        try:
+            _check_config(out, config, resume)
+            base_models = [_base(bench, settings, seed, out) for seed in range(settings.seeds)]
+        except ValueError as err:
+            failure = str(err)
+    failure, base_models = D.broadcast((failure, base_models))
+    if failure is not None:
+        raise ValueError(failure)
+    bases = []
+    for seed, base in enumerate(base_models):
         base_loss = mean_loss(base, *probe)
-        tau = settings.threshold * base_loss
         bases.append({"seed": seed, "test_accuracy": accuracy(base, t.x_test, t.y_test),
-                      "probe_loss": base_loss, "threshold": tau,
+                      "probe_loss": base_loss, "threshold": settings.threshold * base_loss,
                       "parameters": sum(p.numel() for p in base.parameters())})
-        for cand in bench.candidates:
-            path = out / "units" / f"seed{seed}" / f"{_safe(cand.name)}.json"
+    jobs = [(seed, cand) for seed in range(settings.seeds) for cand in bench.candidates]
+    mine = [i for i in range(len(jobs)) if i % D.world() == D.rank()]
+    bar = tqdm(total=len(jobs), desc="compare", unit="candidate", leave=False,
+               disable=quiet or not sys.stderr.isatty() or not D.is_main())
+    done = {}
+    with D.local():
+        for i in mine:
+            seed, cand = jobs[i]
+            path = _unit_path(out, seed, cand)
             unit = _load_unit(path) if resume else None
             if unit is None:
-                unit = run_unit(base, cand, t, settings, seed, tau)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                _atomic_write(path, json.dumps(unit, indent=1))
-            units.append(unit)
-            bar.update()
+                unit = run_unit(base_models[seed], cand, t, settings, seed, bases[seed]["threshold"])
+                _write_unit(path, unit)
+            done[i] = unit
+            bar.update(D.world())
             bar.set_postfix_str(f"seed {seed}: {cand.name}")
     bar.close()
+    for part in D.all_gather(done):
+        done.update(part)
+    units = [done[i] for i in range(len(jobs))]
     result = summarise(bench, settings, bases, units)
     result.seconds = time.perf_counter() - start
-    result.to_json(out / "results.json")
+    if D.is_main():
+        for (seed, cand), unit in zip(jobs, units):  # another node's units, without a shared disk
+            if not _unit_path(out, seed, cand).exists():
+                _write_unit(_unit_path(out, seed, cand), unit)
+        result.to_json(out / "results.json")
+    D.barrier()
     return result
+
+
+def _unit_path(out: Path, seed: int, cand: Candidate) -> Path:
+    return out / "units" / f"seed{seed}" / f"{_safe(cand.name)}.json"
+
+
+def _write_unit(path: Path, unit: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, json.dumps(unit, indent=1))
 
 
 # ----------------------------------------------------------------------------- summary

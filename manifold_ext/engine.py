@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
+from . import distributed as D
 from . import params as P
 from .ops import batched_cross_entropy, interp_linear, interp_linear_cross_entropy
 
@@ -372,7 +373,12 @@ def evaluate(
         max_memory: bytes the fused engine may use for per-point parameters and activations;
             points are processed in chunks under it. Results do not depend on the chunking.
         points_per_chunk: overrides the chunk size derived from ``max_memory``.
-        quiet: no progress bar (there is none either when stderr is not a terminal).
+        quiet: no progress bar (there is none either when stderr is not a terminal, or on a
+            rank other than 0).
+
+    Under ``torch.distributed`` (:mod:`manifold_ext.distributed`), the rows of ``coeffs`` are
+    sharded across the ranks in blocks of whole chunks of points and every rank returns all the
+    results, equal to a single process's.
 
     Returns:
         :class:`Evaluation` with ``loss`` and ``accuracy`` of shape (B,). A point that puts
@@ -390,15 +396,24 @@ def evaluate(
     x, y = _check_data(data)
     stacked = {n: t.clone() for n, t in stacked.items()}
     bad = _non_finite(stacked, coeffs)
+    if engine == "fused" and points_per_chunk is None and D.sharding():
+        # Fixed here, so that every rank's chunks are the ones a single process would use.
+        ex_rows = _chunks(len(x), batch_size)[0]
+        points_per_chunk = _points_per_chunk(_Fused(model, stacked, loss), x, ex_rows[1] - ex_rows[0],
+                                             max_memory)
+    r0, r1 = D.shard(len(coeffs), points_per_chunk or 1) if D.sharding() else (0, len(coeffs))
+    quiet = quiet or not D.is_main()
     if engine == "fused":
-        loss_sum, correct = _evaluate_fused(model, stacked, coeffs, x, y, loss=loss, bn=bn,
+        loss_sum, correct = _evaluate_fused(model, stacked, coeffs[r0:r1], x, y, loss=loss, bn=bn,
                                             batch_size=batch_size,
                                             max_memory=max_memory, points_per_chunk=points_per_chunk,
                                             quiet=quiet)
     else:
-        loss_sum, correct = _evaluate_loop(model, stacked, coeffs, x, y, loss=loss, bn=bn,
+        loss_sum, correct = _evaluate_loop(model, stacked, coeffs[r0:r1], x, y, loss=loss, bn=bn,
                                            batch_size=batch_size,
                                            quiet=quiet)
+    if D.sharding():
+        loss_sum, correct = D.gather_rows(loss_sum), D.gather_rows(correct)
     n_rows = len(y) if loss == "mse" else y.numel()
     mean = loss_sum / n_rows
     acc = correct.double() / n_rows

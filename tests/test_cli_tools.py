@@ -423,14 +423,14 @@ def test_bench_list(capsys):
     code, out, _ = _run(capsys, "bench", "--list")
     assert code == 0
     lines = out.splitlines()
-    assert [line.split()[0] for line in lines] == ["ops", "engine", "estimators", "expansion"]
+    assert [line.split()[0] for line in lines] == ["ops", "engine", "estimators", "expansion", "distributed"]
     assert all(len(line.split()) > 3 for line in lines)  # a description on each line
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["fast"], "NAME must be one of ops, engine, estimators, expansion, got 'fast' (see --list)"),
+    (["fast"], "NAME must be one of ops, engine, estimators, expansion, distributed, got 'fast' (see --list)"),
     (["ops", "nope", "--list"], "got 'nope'"),
-    (["estimators", "expansion", "--rounds", "3"], "--rounds applies to ops, engine only, got benchmarks "
+    (["estimators", "expansion", "--rounds", "3"], "--rounds applies to ops, engine, distributed only, got benchmarks "
                                                    "estimators, expansion"),
 ])
 def test_bench_errors(argv, message, capsys):

@@ -9,6 +9,9 @@ Subcommands (one module each):
   bench  run the repository's benchmark scripts by name (--list)
 
 Bad input is reported as one line on stderr with exit status 2; ``--debug`` shows the traceback.
+Under ``torchrun`` (``torchrun --nproc-per-node N -m manifold_ext.cli compare ...``) the work is
+spread across the processes and rank 0 prints and writes; a failed or vanished rank ends the run
+with exit status 3 and one line naming the failure.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from .. import distributed as D
 from . import bench, compare, demo, expand, info, probe
 from ._args import CommandError
 
@@ -43,15 +47,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the ``manifold-ext`` command line with ``argv`` (default: ``sys.argv[1:]``).
 
     Returns the exit status: 0 on success, 1 when a check the command makes fails, 2 for bad
-    input (one line on stderr; the traceback with ``--debug``). Invalid arguments raise
+    input (one line on stderr; the traceback with ``--debug``), 3 when another rank of a
+    distributed run failed. Invalid arguments raise
     ``SystemExit(2)`` with argparse's message.
     """
     args = _parser().parse_args(argv)
     try:
-        return args.run(args)
+        D.init()  # under torchrun: join the process group (see manifold_ext.distributed)
+        status = args.run(args)
+        D.shutdown()
+        return status
     except _USER_ERRORS as err:
+        D.shutdown(wait=False)
         if args.debug:
             raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"manifold-ext {args.command}: error: {message}", file=sys.stderr)
+        where = f" (rank {D.rank()} of {D.world()})" if D.active() else ""
+        print(f"manifold-ext {args.command}{where}: error: {message}", file=sys.stderr)
         return 2
+    except D.DistributedError as err:
+        D.shutdown(wait=False)
+        if args.debug:
+            raise
+        print(f"manifold-ext {args.command}: error: {err}", file=sys.stderr)
+        return 3

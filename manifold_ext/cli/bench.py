@@ -25,6 +25,9 @@ BENCHMARKS = {
                   "measured function preservation of every preserving expansion "
                   "(results/expansion_preservation.json)",
                   False),
+    "distributed": ("benchmarks.distributed_scaling",
+                    "2 torchrun processes against 1 on a probe plane (results/distributed_scaling.json)",
+                    True),
 }
 
 

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from .. import compare as C
+from .. import distributed as D
 from ..builtin import Benchmark, Candidate, Task, benchmark
 from ._args import CommandError, have_matplotlib, int_at_least
 from ._load import as_tensor, read_arrays
@@ -187,7 +188,7 @@ def _tables(result: C.CompareResult, say) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    say = (lambda *a: None) if args.quiet else print
+    say = (lambda *a: None) if args.quiet or not D.is_main() else print
     if args.plot is None:
         args.plot = have_matplotlib()
     elif args.plot and not have_matplotlib():
@@ -197,10 +198,13 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--resume needs --out: the directory of the run to continue")
     if args.out is not None and args.resume and not (args.out / "config.json").exists():
         raise CommandError(f"--resume: {str(args.out)!r} holds no compare run (no config.json)")
-    out = args.out or Path("results") / f"compare-{bench.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # Under torchrun, rank 0 names the fresh directory for every rank.
+    out = args.out or D.broadcast(Path("results") / f"compare-{bench.model}-{time.strftime('%Y%m%d-%H%M%S')}")
     say(f"manifold-ext compare: {bench.model} on {bench.task.name}, {len(bench.candidates)} candidates, "
         f"{settings.seeds} seeds -> {out}")
     result = C.compare(bench, settings, out, resume=args.resume, quiet=args.quiet)
+    if not D.is_main():
+        return 0
     _write_csv(result, out / "results.csv")
     written = ["results.json", "results.csv"]
     if args.plot:

@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 from typing import Callable
 
+from .. import distributed as D
 from .. import probes
 from ._args import CommandError, have_matplotlib, int_at_least
 from ._load import DATA_HELP, MODEL_EPILOG, MODEL_HELP, fmt, load_checkpoints, load_data
@@ -97,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         result = probes.simplex(vertices, xy, n=steps, seed=args.seed, **kw)
 
+    if not D.is_main():  # under torchrun every rank has the result; rank 0 reports it
+        return 0
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
