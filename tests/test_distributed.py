@@ -92,9 +92,9 @@ def test_probe_on_two_processes_equals_one(tmp_path):
 def test_compare_on_two_processes_equals_one(tmp_path):
     cfg = tmp_path / "tiny.toml"
     cfg.write_text(TINY_TOML)
-    common = ["compare", "--config", str(cfg), "--no-plot", "--quiet"]
-    one = _single(*common, "--out", str(tmp_path / "one"))
-    two = _torchrun(2, *common, "--out", str(tmp_path / "two"))
+    common = ["compare", "--config", str(cfg), "--quiet"]
+    one = _single(*common, "--no-plot", "--out", str(tmp_path / "one"))
+    two = _torchrun(2, *common, "--plot", "--out", str(tmp_path / "two"))  # rank 0 alone draws
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
     r1 = json.loads((tmp_path / "one" / "results.json").read_text())
     r2 = json.loads((tmp_path / "two" / "results.json").read_text())
@@ -106,7 +106,7 @@ def test_compare_on_two_processes_equals_one(tmp_path):
         if rel.parts[0] == "units":
             assert _without_timings(json.loads((tmp_path / "one" / rel).read_text())) == \
                 _without_timings(json.loads((tmp_path / "two" / rel).read_text())), rel
-    assert (tmp_path / "two" / "results.csv").exists()
+    assert (tmp_path / "two" / "results.csv").exists() and (tmp_path / "two" / "paths.png").exists()
 
 
 CRASH = textwrap.dedent("""

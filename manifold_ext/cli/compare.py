@@ -211,7 +211,8 @@ def run(args: argparse.Namespace) -> int:
         from .. import compare_plots
 
         base = torch.load(out / "bases" / "seed0.pt", weights_only=False)
-        written += [p.name for p in compare_plots.all_figures(bench, settings, result, base, out)]
+        with D.local():  # rank 0 alone draws: its probes must not wait for the other ranks
+            written += [p.name for p in compare_plots.all_figures(bench, settings, result, base, out)]
     _tables(result, say)
     say(f"\n{result.seconds:.0f} s; wrote {', '.join(written)} in {out}")
     return 0
