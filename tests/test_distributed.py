@@ -107,6 +107,13 @@ def test_compare_on_two_processes_equals_one(tmp_path):
             assert _without_timings(json.loads((tmp_path / "one" / rel).read_text())) == \
                 _without_timings(json.loads((tmp_path / "two" / rel).read_text())), rel
     assert (tmp_path / "two" / "results.csv").exists() and (tmp_path / "two" / "paths.png").exists()
+    # Resumed under torchrun: nothing finished is recomputed, the report is the same.
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "two" / "units").rglob("*.json")}
+    again = _torchrun(2, *common, "--no-plot", "--resume", "--out", str(tmp_path / "two"))
+    assert again.returncode == 0, again.stderr
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    r3 = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert _without_timings(r3["units"]) == _without_timings(r2["units"])
 
 
 CRASH = textwrap.dedent("""
