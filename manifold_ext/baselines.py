@@ -265,17 +265,24 @@ def loss_and_accuracy(model: nn.Module, data: Data, *, batch_size: Optional[int]
     return LossAccuracy(loss=loss / y.numel(), accuracy=correct / y.numel())
 
 
-def gradient_norm(model: nn.Module, data: Data, *, batch_size: Optional[int] = None) -> float:
-    """Euclidean norm of the gradient of the mean loss, ``||grad_theta L(theta)||_2``, over all
-    trainable parameters together (the "grad_norm" zero-cost proxy of Abdelfattah et al. 2021,
-    "Zero-Cost Proxies for Lightweight NAS", which sums per-layer norms instead; here it is the
-    norm of the one full gradient vector)."""
+def _full_gradient(model: nn.Module, data: Data, batch_size: Optional[int]):
+    """The trainable parameters' values and the gradient of the mean loss over all of ``data``
+    (checked inputs, eval mode)."""
     _check_model(model)
     x, y = _check_data(data)
     batch_size = _check_batch_size(batch_size)
     with _evaluating(model):
         names, values, fixed = _split(model)
         _, g = _gradient(model, names, values, fixed, x, y, batch_size)
+    return values, g
+
+
+def gradient_norm(model: nn.Module, data: Data, *, batch_size: Optional[int] = None) -> float:
+    """Euclidean norm of the gradient of the mean loss, ``||grad_theta L(theta)||_2``, over all
+    trainable parameters together (the "grad_norm" zero-cost proxy of Abdelfattah et al. 2021,
+    "Zero-Cost Proxies for Lightweight NAS", which sums per-layer norms instead; here it is the
+    norm of the one full gradient vector)."""
+    _, g = _full_gradient(model, data, batch_size)
     return math.sqrt(sum(t.pow(2).sum().item() for t in g))
 
 
@@ -289,12 +296,7 @@ def snip(model: nn.Module, data: Data, *, batch_size: Optional[int] = None) -> f
     parameters included (the zero-cost-proxy code sums only convolution and linear weights);
     the gradient is that of the mean loss over the whole data.
     """
-    _check_model(model)
-    x, y = _check_data(data)
-    batch_size = _check_batch_size(batch_size)
-    with _evaluating(model):
-        names, values, fixed = _split(model)
-        _, g = _gradient(model, names, values, fixed, x, y, batch_size)
+    values, g = _full_gradient(model, data, batch_size)
     return sum((v.double() * gi).abs().sum().item() for v, gi in zip(values, g))
 
 
