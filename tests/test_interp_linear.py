@@ -10,9 +10,10 @@ from _inputs import interp_inputs
 from conftest import DEVICE_DTYPES, DEVICES, tol
 
 # (B, N, in, out, K): odd sizes that are multiples of no tile, K = 1, B = 1, N = 1, N = 0, B = 0,
-# out = 1 (a regression head: its shared-input vertex outputs are a strided view), and layers
-# large enough that the CPU kernel splits the outputs into several chunks, with few
-# examples per point (one product of all vertices, then a mix) and with many (weights per point).
+# out = 1 (a regression head: its shared-input vertex outputs are a strided view), and each route
+# of the CPU kernel: few examples per point (one product of all vertices, then a mix); weights of
+# up to 4 MiB per point built for groups of points (700x700 float32: groups of 2, so B=5 leaves a
+# group of 1); larger weights built one point at a time in chunks of outputs (1100x1031).
 SHAPES = [
     (5, 7, 13, 11, 3),
     (1, 9, 17, 5, 1),
@@ -24,6 +25,8 @@ SHAPES = [
     (2, 3, 1031, 700, 2),
     (3, 67, 65, 129, 4),
     (3, 40, 1031, 700, 2),
+    (5, 40, 700, 700, 2),
+    (3, 40, 1031, 1100, 2),
 ]
 
 
@@ -74,7 +77,8 @@ def test_gradcheck_float64(device, layout, bias, shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", [(4, 9, 300, 70, 3), (3, 40, 1031, 700, 2)], ids=str)
+@pytest.mark.parametrize("shape", [(4, 9, 300, 70, 3), (3, 40, 1031, 700, 2), (5, 40, 700, 700, 2),
+                                   (3, 40, 1031, 1100, 2)], ids=str)
 def test_gradients_match_reference_float32(device, shape):
     B, N, I, O, K = shape
     args = interp_inputs(B, N, I, O, K, device=device, dtype=torch.float32, contiguous=False)
@@ -131,10 +135,12 @@ def _peak_cpu_bytes(fn, *args):
     return max((e.cpu_memory_usage for e in prof.key_averages()), default=0)
 
 
-def test_memory_holds_k_not_b_weight_copies():
+@pytest.mark.parametrize("N", [4, 64], ids=["by-vertex", "grouped"])
+def test_memory_holds_k_not_b_weight_copies(N):
     # 64 points of a 512x512 layer: materialising their weights takes 64 MiB (the reference does);
-    # the op's scratch is one point's block.
-    args = interp_inputs(64, 4, 512, 512, 2)
+    # the op holds K vertex outputs (N=4) or one group's 4 MiB of weights (N=64).
+    args = interp_inputs(64, N, 512, 512, 2)
     weight_copies = 64 * 512 * 512 * 4
     assert _peak_cpu_bytes(ref.interp_linear, *args) >= weight_copies
-    assert _peak_cpu_bytes(mx.interp_linear, *args) < weight_copies / 8
+    output = 64 * N * 512 * 4
+    assert _peak_cpu_bytes(mx.interp_linear, *args) - output < weight_copies / 8
