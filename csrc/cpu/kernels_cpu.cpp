@@ -150,13 +150,24 @@ bool group_route_pays(const Tensor& x, int64_t J, int64_t R) {
   return x.stride(0) != 0 && J * R * x.element_size() <= kGroupBytes;
 }
 
+// The group's weights, kept per thread from call to call: a fresh 4 MiB block would be mapped
+// anew by the allocator on every call, and its page faults cost about as much as building it.
+Tensor group_scratch(int64_t numel, const at::TensorOptions& options) {
+  thread_local Tensor kept;
+  if (!kept.defined() || kept.scalar_type() != options.dtype().toScalarType() ||
+      kept.numel() < numel) {
+    kept = at::empty({numel}, options);
+  }
+  return kept.narrow(0, 0, numel);
+}
+
 void interp_mm_grouped(const Tensor& x, const Tensor& weight, const Tensor& coeffs,
                        const Tensor& bias_mix, bool transpose, Tensor& y) {
   const int64_t B = x.size(0), R = x.size(2), J = y.size(2), K = weight.size(0);
   const int64_t G = std::clamp<int64_t>(kGroupBytes / (J * R * x.element_size()), 1, B);
   // Each point's W_k as stored: (J, R) rows of R, or (R, J) rows of J when transposed.
   const int64_t rows = transpose ? R : J, cols = transpose ? J : R;
-  Tensor scratch = at::empty({G, rows, cols}, x.options());
+  Tensor scratch = group_scratch(G * rows * cols, x.options()).view({G, rows, cols});
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "interp_mm_grouped", [&] {
     const scalar_t* c = coeffs.const_data_ptr<scalar_t>();
     for (int64_t b0 = 0; b0 < B; b0 += G) {
