@@ -78,6 +78,11 @@ def _non_finite(stacked: P.State, coeffs: Tensor) -> Tensor:
     """Mark the points that put non-zero weight on a vertex holding NaN or Inf (and warn, naming
     the parameter); such vertices are zeroed in ``stacked`` so that other points are unaffected."""
     bad = torch.zeros(coeffs.shape[0], dtype=torch.bool, device=coeffs.device)
+    floats = [t for t in stacked.values() if t.is_floating_point()]
+    # One synchronisation for the common case: a float64 sum is finite exactly when every term is
+    # (for float64 parameters it can also overflow; then the exact check below finds nothing).
+    if not floats or bool(torch.stack([t.sum(dtype=torch.float64) for t in floats]).isfinite().all()):
+        return bad
     for name, t in stacked.items():
         if not t.is_floating_point() or bool(torch.isfinite(t).all()):
             continue
