@@ -1,5 +1,6 @@
 """The engine's main test: every point equals loading its state dict and evaluating it alone."""
 
+import warnings
 
 import pytest
 import torch
@@ -109,6 +110,21 @@ def test_non_finite_vertex_only_poisons_its_points():
     assert torch.isnan(ev.loss[1:]).all()
     clean = engine.evaluate(a, [a, a], coeffs[:1], _digits(30))
     torch.testing.assert_close(ev.loss[:1], clean.loss)
+
+
+def test_huge_finite_float64_vertices_are_not_flagged():
+    # Their sum overflows to Inf: the quick screen must fall back to the exact check.
+    stacked = {"w": torch.tensor([[1e308, 1e308], [1.0, 2.0]], dtype=torch.float64),
+               "b": torch.tensor([[float("inf")], [0.0]])}
+    coeffs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    with pytest.warns(RuntimeWarning, match=r"vertex 0 has non-finite values in parameter 'b'"):
+        bad = engine._non_finite(stacked, coeffs)
+    assert bad.tolist() == [True, False]
+    assert stacked["w"][0, 0] == 1e308  # left as it was
+    del stacked["b"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not engine._non_finite(stacked, coeffs).any()
 
 
 class DataDependent(nn.Module):
