@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+from torch.nn.modules import module as _module
 from tqdm.auto import tqdm
 
 from . import distributed as D
@@ -249,7 +250,9 @@ _CHAIN_BYTES = 8 << 20
 
 
 def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__)
+    """Whether calling ``m`` runs more than its class's forward (hooks, a replaced forward)."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__
+                or _module._global_forward_hooks or _module._global_forward_pre_hooks)
 
 
 def _chain(model: nn.Module, x: Tensor) -> Optional[List[Tuple[str, nn.Module]]]:
@@ -273,7 +276,7 @@ def _chain(model: nn.Module, x: Tensor) -> Optional[List[Tuple[str, nn.Module]]]
     return layers if h.dim() == 2 else None
 
 
-def _chain_points(layers, fused: "_Fused", x: Tensor, n_examples: int, max_memory: int) -> int:
+def _chain_points(layers, x: Tensor, n_examples: int, max_memory: int) -> int:
     """Points per pass of a chain: its widest layer's activations under _CHAIN_BYTES, and the
     per-point parameters and activations of all layers under max_memory."""
     widths = [m.out_features for _, m in layers if isinstance(m, nn.Linear)]
@@ -345,7 +348,7 @@ def _points_per_chunk(fused: _Fused, x: Tensor, n_examples: int, max_memory: int
 
 def _chunk_size(fused: _Fused, chain, x: Tensor, n_examples: int, max_memory: int) -> int:
     if chain is not None:
-        return _chain_points(chain, fused, x, n_examples, max_memory)
+        return _chain_points(chain, x, n_examples, max_memory)
     return _points_per_chunk(fused, x, n_examples, max_memory)
 
 

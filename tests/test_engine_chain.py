@@ -33,8 +33,14 @@ def _relu_mlp(seed):
     return nn.Sequential(nn.Linear(64, 23), nn.ReLU(), nn.Linear(23, 10), nn.ReLU())
 
 
+def _linear_head(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+
+
 CASES = {
     "mixed": (_mixed_mlp, False),
+    "one_linear": (_linear_head, True),
     "flatten_first": (_image_mlp, True),
     "ends_in_activation": (_relu_mlp, False),
 }
@@ -123,8 +129,15 @@ def test_hooks_send_the_model_through_vmap():
     handle = model[1].register_forward_hook(lambda m, i, o: o)
     assert engine._chain(model, x) is None
     handle.remove()
-    model.register_forward_pre_hook(lambda m, i: None)
+    handle = model.register_forward_pre_hook(lambda m, i: None)
     assert engine._chain(model, x) is None
+    handle.remove()
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: o)
+    try:
+        assert engine._chain(model, x) is None
+    finally:
+        handle.remove()
+    assert engine._chain(model, x) is not None
 
 
 def test_chain_point_losses_equal_vmap_values_and_gradients(without_chain):
