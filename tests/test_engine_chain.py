@@ -77,13 +77,15 @@ def test_chain_equals_vmap_and_loop(case, K, without_chain):
         torch.testing.assert_close(chain.accuracy, other.accuracy, rtol=0, atol=1e-9)
 
 
-def test_chain_mse_equals_loop():
+@pytest.mark.parametrize("outputs", [3, 1])
+def test_chain_mse_equals_loop(outputs):
     g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(31, 64, generator=g), torch.randn(31, 3, generator=g)
+    x, y = torch.randn(31, 64, generator=g), torch.randn(31, outputs, generator=g)
     torch.manual_seed(0)
-    vertices = [nn.Sequential(nn.Linear(64, 12), nn.SiLU(), nn.Linear(12, 3)) for _ in range(2)]
+    vertices = [nn.Sequential(nn.Linear(64, 12), nn.SiLU(), nn.Linear(12, outputs)) for _ in range(2)]
     coeffs = _coeffs(5, 2)
-    chain = engine.evaluate(vertices[0], vertices, coeffs, (x, y), loss="mse")
+    flat = y[:, 0] if outputs == 1 else y  # one output takes (N,) targets too
+    chain = engine.evaluate(vertices[0], vertices, coeffs, (x, flat), loss="mse")
     loop = engine.evaluate(vertices[0], vertices, coeffs, (x, y), loss="mse", engine="loop")
     torch.testing.assert_close(chain.loss, loop.loss, rtol=1e-5, atol=1e-7)
     assert torch.isnan(chain.accuracy).all()
