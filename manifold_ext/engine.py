@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from . import distributed as D
 from . import params as P
 from .ops import batched_cross_entropy, interp_linear, interp_linear_cross_entropy
+from .outputs import logits as logits_of
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -45,6 +46,7 @@ class Evaluation:
     accuracy: Tensor
     n_examples: int
     seconds: float
+    engine: str = "fused"  # the engine that evaluated the points ("fused" or "loop")
 
 
 def _check_coeffs(coeffs: Tensor, K: int) -> Tensor:
@@ -56,23 +58,11 @@ def _check_coeffs(coeffs: Tensor, K: int) -> Tensor:
     return coeffs
 
 
-def _check_names(model: nn.Module, stacked: P.State) -> None:
-    for name in P.state_of(model):
+def _check_names(lay: P.Layout, stacked: P.State) -> None:
+    for name in lay.names:
         if name not in stacked:
             raise ValueError(f"the vertices have no tensor {name!r}, which the model has: are they "
                              f"of another architecture?")
-
-
-def _check_data(data) -> Tuple[Tensor, Tensor]:
-    try:
-        x, y = data
-    except (TypeError, ValueError):
-        raise ValueError("expected data to be a pair (inputs, targets) of tensors") from None
-    if len(x) == 0:
-        raise ValueError(f"data is empty: expected at least one example, got inputs of shape {tuple(x.shape)}")
-    if len(x) != len(y):
-        raise ValueError(f"inputs and targets disagree on the number of examples: {len(x)} vs {len(y)}")
-    return x, y
 
 
 def _non_finite(stacked: P.State, coeffs: Tensor) -> Tensor:
@@ -124,6 +114,23 @@ def _linear_forward(W: Tensor, b: Optional[Tensor], coeffs_ref: List[Tensor]):
     return forward
 
 
+def _embedding_forward(W: Tensor, coeffs_ref: List[Tensor]):
+    """An embedding at the point: the K vertices' rows for the tokens, mixed (exact: a lookup is
+    linear in the table), so no point's table is ever built."""
+    def forward(ids: Tensor) -> Tensor:
+        rows = W[:, ids]  # (K, *ids.shape, dim)
+        return torch.tensordot(coeffs_ref[0].to(rows.dtype), rows, dims=1)
+    return forward
+
+
+def _head_forward(store: List[Tensor]):
+    """The classifier head of a fused loss: hands its input on untouched (the model's 'logits'
+    are then the head's inputs) and the loss applies the head inside the fused cross-entropy."""
+    def forward(inp: Tensor) -> Tensor:
+        return inp
+    return forward
+
+
 def _bn_forward(module: _BN, mode_ref: List[str], collected: List[Tensor]):
     def forward(inp: Tensor) -> Tensor:
         dims = [0] + list(range(2, inp.dim()))
@@ -149,38 +156,111 @@ def _mse_sum(out: Tensor, y: Tensor) -> Tensor:
     return (out - y.reshape(out.shape).to(out.dtype)).pow(2).mean(1).sum()
 
 
-class _Fused:
-    """The model prepared once for fused evaluation: which modules are interpolated how."""
+def _is_linear(m: nn.Module) -> bool:
+    """An ``nn.Linear`` whose forward is Linear's own (subclasses that change it are not)."""
+    return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
 
-    def __init__(self, model: nn.Module, stacked: P.State, loss: str):
+
+def _is_conv1d(m: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2): a linear layer storing its weight as ``(in, out)``."""
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and isinstance(getattr(m, "weight", None), Tensor) \
+        and m.weight.dim() == 2
+
+
+def _is_embedding(m: nn.Module) -> bool:
+    return type(m) is nn.Embedding and m.max_norm is None
+
+
+def find_head(model: nn.Module, loss: str, head: Optional[str] = None) -> Optional[str]:
+    """The module path of the classifier head that a fused loss applies itself, or None.
+
+    ``head`` names it explicitly. Otherwise: for ``loss="lm"``, the model's output embeddings
+    (``get_output_embeddings()``, as Hugging Face models have) or its last ``nn.Linear``; for
+    ``loss="cross_entropy"``, the last layer of an ``nn.Sequential`` when it is an ``nn.Linear``.
+    The head's output must be the model's logits unchanged (no scaling or capping after it)."""
+    names = {m: n for n, m in model.named_modules()}
+    if head is not None:
+        try:
+            m = model.get_submodule(head)
+        except AttributeError:
+            raise ValueError(f"head {head!r} is not a module of {type(model).__name__}") from None
+        if not _is_linear(m):
+            raise ValueError(f"head {head!r} must be an nn.Linear, got {type(m).__name__}")
+        return head
+    if loss == "lm":
+        get = getattr(model, "get_output_embeddings", None)
+        m = get() if callable(get) else None
+        if m is not None and _is_linear(m) and m in names:
+            return names[m]
+        linears = [n for n, m in model.named_modules() if _is_linear(m)]
+        return linears[-1] if linears else None
+    if loss == "cross_entropy" and isinstance(model, nn.Sequential) and len(model) > 0 \
+            and _is_linear(model[-1]):
+        return str(len(model) - 1)
+    return None
+
+
+class _Fused:
+    """The model prepared once for fused evaluation: which modules are interpolated how.
+
+    Linear layers (and Hugging Face ``Conv1D``) go through ``interp_linear``, embeddings mix the
+    vertices' rows, the head of a fused loss goes into ``interp_linear_cross_entropy``; every
+    other tensor is materialised per point. A tied tensor is one stacked tensor for all its users,
+    and it is materialised unless every module that uses it is interpolated on the fly."""
+
+    def __init__(self, model: nn.Module, stacked: P.State, loss: str, *, lay: P.Layout,
+                 head: Optional[str] = None, ignore_index: int = -100):
         self.model = model
         self.loss = loss
         self.stacked = stacked
+        self.ignore_index = ignore_index
         self.coeffs_ref: List[Tensor] = [torch.empty(0)]
         self.mode_ref = ["apply"]
         self.collected: List[Tensor] = []
-        self.linear_names = set()
-        patches = {}
+        self.head = find_head(model, loss, head)
+        patches, on_the_fly, users = {}, set(), {}
+        mha = {id(c) for m in model.modules() if isinstance(m, nn.MultiheadAttention) for c in m.children()}
         for name, m in model.named_modules():
-            if isinstance(m, nn.Linear):
-                pre = f"{name}." if name else ""
-                W, b = stacked[pre + "weight"], stacked.get(pre + "bias")
-                patches[m] = _linear_forward(W, b, self.coeffs_ref)
-                self.linear_names.update({pre + "weight", pre + "bias"})
+            pre = f"{name}." if name else ""
+            own = {lay.canonical(pre + n) for n, _ in m.named_parameters(recurse=False, remove_duplicate=False)}
+            patch = None
+            if id(m) in mha:
+                patch = None  # nn.MultiheadAttention reads its projections' tensors itself
+            elif name == self.head and name is not None:
+                patch = _head_forward([])
+            elif _is_linear(m):
+                W, b = stacked[lay.canonical(pre + "weight")], \
+                    stacked.get(lay.canonical(pre + "bias")) if m.bias is not None else None
+                patch = _linear_forward(W, b, self.coeffs_ref)
+            elif _is_conv1d(m):
+                W = stacked[lay.canonical(pre + "weight")].transpose(1, 2).contiguous()
+                b = stacked.get(lay.canonical(pre + "bias"))
+                patch = _linear_forward(W, b, self.coeffs_ref)
+            elif _is_embedding(m):
+                patch = _embedding_forward(stacked[lay.canonical(pre + "weight")], self.coeffs_ref)
             elif isinstance(m, _BN):
                 if not m.track_running_stats:
                     raise ValueError(f"BatchNorm {name!r} keeps no running statistics; not supported")
                 patches[m] = _bn_forward(m, self.mode_ref, self.collected)
+            for n in own:
+                users.setdefault(n, []).append(patch is not None and not isinstance(m, _BN))
+            if patch is not None:
+                patches[m] = patch
+                on_the_fly |= own
         self.patches = patches
+        # Tensors every user of which builds them on the fly are never materialised.
+        self.linear_names = {n for n in on_the_fly if all(users.get(n, [False]))}
         self.bn_names = [n for n, m in model.named_modules() if isinstance(m, _BN)]
-        self.head = None
-        if loss == "cross_entropy" and isinstance(model, nn.Sequential) and len(model) > 0 \
-                and isinstance(model[-1], nn.Linear):
-            self.head = str(len(model) - 1)
-        self.body = model[:-1] if self.head is not None else model
+        if self.head is not None:
+            pre = f"{self.head}."
+            m = model.get_submodule(self.head)
+            self.head_weight = stacked[lay.canonical(pre + "weight")]
+            self.head_bias = stacked.get(lay.canonical(pre + "bias")) if m.bias is not None else None
+        self.body = model[:-1] if self.head is not None and loss == "cross_entropy" \
+            and isinstance(model, nn.Sequential) else model
 
     def materialise(self, coeffs: Tensor) -> P.State:
-        """Per-point values (B, ...) of everything that is not a Linear layer's weight or bias."""
+        """Per-point values (B, ...) of everything not built on the fly."""
         out = {}
         for n, t in self.stacked.items():
             if n in self.linear_names:
@@ -191,35 +271,46 @@ class _Fused:
                 out[n] = t[0].expand(coeffs.shape[0], *t.shape[1:])
         return out
 
-    def run(self, coeffs: Tensor, mat: P.State, x: Tensor, y: Tensor, mode: str):
+    def _loss(self, h, c, y, rows):
+        """(loss_sum, correct) of one point from the model's output ``h``."""
+        if self.loss == "mse":
+            return _mse_sum(h, y), torch.zeros((), dtype=torch.int64, device=h.device)
+        if self.loss == "lm":
+            h = h[:, :-1].reshape(-1, h.shape[-1]).index_select(0, rows)
+            y = y[:, 1:].reshape(-1).index_select(0, rows)
+        else:
+            h, y = h.reshape(-1, h.shape[-1]), y.reshape(-1)
+        if self.head is not None:
+            return interp_linear_cross_entropy(h, self.head_weight, self.head_bias, c, y)
+        return batched_cross_entropy(h, y)
+
+    def run(self, coeffs: Tensor, mat: P.State, x: Tensor, y: Tensor, mode: str, kwargs=None):
         """One vmapped pass over the points of a chunk: (loss_sum, correct) or BN statistics."""
         self.mode_ref[0] = mode
+        kwargs = kwargs or {}
+        rows = _lm_rows(y, self.ignore_index) if self.loss == "lm" else None
 
         def one_point(c, p):
             self.coeffs_ref[0] = c
             self.collected.clear()
-            h = functional_call(self.body, p, (x,), strict=False)
+            out = functional_call(self.body, p, (x,), kwargs, strict=False)
             if mode == "collect":
                 return tuple(self.collected)
-            if self.loss == "mse":
-                return _mse_sum(h, y), torch.zeros((), dtype=torch.int64, device=h.device)
-            if self.head is not None:
-                W = self.stacked[f"{self.head}.weight"]
-                b = self.stacked.get(f"{self.head}.bias")
-                return interp_linear_cross_entropy(h.reshape(-1, h.shape[-1]), W, b, c, y.reshape(-1))
-            return batched_cross_entropy(h.reshape(-1, h.shape[-1]), y.reshape(-1))
+            return self._loss(logits_of(out), c, y, rows)
 
         try:
             with _patched(self.patches):
                 return vmap(one_point)(coeffs, mat)
+        except (torch.OutOfMemoryError, MemoryError):
+            raise
         except Exception as err:  # noqa: BLE001 - rethrown with the fallback named
             raise RuntimeError(
                 f"the fused engine could not evaluate {type(self.model).__name__} under "
                 f"torch.func.vmap ({type(err).__name__}: {err}); use evaluate(..., "
                 "engine='loop'), which runs any model one point at a time") from err
 
-
-    def recompute_bn(self, coeffs: Tensor, mat: P.State, x: Tensor, y: Tensor, ex_chunks) -> None:
+    def recompute_bn(self, coeffs: Tensor, mat: P.State, x: Tensor, y: Tensor, ex_chunks,
+                     kwargs=None) -> None:
         """Replace the running statistics in ``mat`` by those of the data, per point, as
         ``update_bn`` computes them: each chunk normalised by its own statistics, the running
         statistics their plain average."""
@@ -227,7 +318,7 @@ class _Fused:
             return
         sums = None
         for e0, e1 in ex_chunks:
-            stats = self.run(coeffs, mat, x[e0:e1], y[e0:e1], "collect")
+            stats = self.run(coeffs, mat, x[e0:e1], y[e0:e1], "collect", _rows_of(kwargs, e0, e1))
             sums = list(stats) if sums is None else [s + t for s, t in zip(sums, stats)]
         for i, name in enumerate(self.bn_names):
             pre = f"{name}." if name else ""
@@ -323,21 +414,25 @@ def _chunks(n: int, size: Optional[int]):
 _PASS_BYTES = 128 << 20
 
 
-def _points_per_chunk(fused: _Fused, x: Tensor, n_examples: int, max_memory: int) -> int:
+def _points_per_chunk(fused: _Fused, x: Tensor, n_examples: int, max_memory: int, kwargs=None) -> int:
     """Points whose materialised parameters and activations fit in max_memory bytes (and in
-    _PASS_BYTES)."""
+    _PASS_BYTES). A fused head's output is never held, so it is not counted."""
     per_point = sum(t[0].numel() * t.element_size() for n, t in fused.stacked.items()
                     if n not in fused.linear_names)
     acts = []
-    hooks = [m.register_forward_hook(lambda m, i, o: acts.append(o.numel() * o.element_size())
-                                     if isinstance(o, Tensor) else None)
-             for m in fused.model.modules() if len(list(m.children())) == 0]
+    head = fused.model.get_submodule(fused.head) if fused.head is not None else None
+
+    def count(m, i, o):
+        if isinstance(o, Tensor) and m is not head:
+            acts.append(o.numel() * o.element_size())
+
+    hooks = [m.register_forward_hook(count) for m in fused.model.modules() if len(list(m.children())) == 0]
     was_training = fused.model.training
+    probe = x[: min(len(x), 8)]
     try:
         fused.model.eval()  # no running-statistics updates on the caller's model
         with torch.no_grad():
-            probe = x[: min(len(x), 8)]
-            fused.model(probe)
+            fused.model(probe, **_rows_of(kwargs, 0, len(probe)))
     finally:
         fused.model.train(was_training)
         for h in hooks:
@@ -346,33 +441,89 @@ def _points_per_chunk(fused: _Fused, x: Tensor, n_examples: int, max_memory: int
     return max(1, int(min(max_memory, _PASS_BYTES) // max(1, per_point)))
 
 
-def _chunk_size(fused: _Fused, chain, x: Tensor, n_examples: int, max_memory: int) -> int:
-    if chain is not None:
-        return _chain_points(chain, x, n_examples, max_memory)
-    return _points_per_chunk(fused, x, n_examples, max_memory)
-
-
 def _progress(total: int, quiet: bool, desc: str):
     return tqdm(total=total, desc=desc, unit="pt", leave=False,
                 disable=quiet or not sys.stderr.isatty())
 
 
+LOSSES = ("cross_entropy", "mse", "lm")
+ENGINES = ("auto", "fused", "loop")
+
+
 def _check_options(loss: str, bn: str) -> None:
-    if loss not in ("cross_entropy", "mse"):
-        raise ValueError(f"loss must be 'cross_entropy' or 'mse', got {loss!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(map(repr, LOSSES))}, got {loss!r}")
     if bn not in ("recompute", "interpolate"):
         raise ValueError(f"bn must be 'recompute' or 'interpolate', got {bn!r}")
 
 
-def _evaluate_fused(model, stacked, coeffs, x, y, *, loss, bn, batch_size, max_memory,
+def _rows_of(kwargs, e0: int, e1: int) -> dict:
+    """Per-example keyword inputs (e.g. an attention mask) for examples e0:e1."""
+    return {k: v[e0:e1] for k, v in (kwargs or {}).items()}
+
+
+def _lm_rows(y: Tensor, ignore_index: int) -> Tensor:
+    """Indices of the next-token targets that count: positions 1.. of every sequence, flattened,
+    without those equal to ignore_index."""
+    return (y[:, 1:].reshape(-1) != ignore_index).nonzero().flatten()
+
+
+@dataclass
+class _Inputs:
+    """The checked data of one call: inputs, targets, per-example keyword inputs, and the number
+    of targets a mean is taken over."""
+
+    x: Tensor
+    y: Tensor
+    kwargs: dict
+    n_targets: int
+
+
+def _check_data(data, loss: str = "cross_entropy", ignore_index: int = -100) -> _Inputs:
+    what = ("a pair (input_ids, labels) or a triple (input_ids, labels, attention_mask) of (N, T) "
+            "tensors" if loss == "lm" else "a pair (inputs, targets) of tensors")
+    if not isinstance(data, (tuple, list)) or len(data) not in ((2, 3) if loss == "lm" else (2,)) \
+            or not all(isinstance(t, Tensor) for t in data):
+        got = f"a {type(data).__name__}" + (f" of length {len(data)}" if isinstance(data, (tuple, list)) else "")
+        raise ValueError(f"expected data to be {what}, got {got}")
+    x, y = data[0], data[1]
+    if len(x) == 0:
+        raise ValueError(f"data is empty: expected at least one example, got inputs of shape {tuple(x.shape)}")
+    if len(x) != len(y):
+        raise ValueError(f"inputs and targets disagree on the number of examples: {len(x)} vs {len(y)}")
+    kwargs = {}
+    if loss != "lm":
+        n = len(y) if loss == "mse" else y.numel()
+        return _Inputs(x, y, kwargs, n)
+    if x.is_floating_point() or y.is_floating_point() or x.dim() != 2 or y.shape != x.shape:
+        raise ValueError(f"loss='lm' expects integer input_ids and labels of one shape (N, T), got "
+                         f"input_ids {tuple(x.shape)} {x.dtype} and labels {tuple(y.shape)} {y.dtype}")
+    if x.shape[1] < 2:
+        raise ValueError(f"loss='lm' needs sequences of at least 2 tokens, got T = {x.shape[1]}")
+    y = y.long()
+    if len(data) == 3:
+        mask = data[2]
+        if mask.shape != x.shape:
+            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(x.shape)}, got "
+                             f"{tuple(mask.shape)}")
+        kwargs["attention_mask"] = mask
+        y = torch.where(mask.bool(), y, torch.full_like(y, ignore_index))
+    n = int((y[:, 1:] != ignore_index).sum())
+    if n == 0:
+        raise ValueError(f"loss='lm': every next-token target is ignored (ignore_index = {ignore_index} "
+                         "or masked): nothing to evaluate")
+    return _Inputs(x, y, kwargs, n)
+
+
+def _evaluate_fused(fused: _Fused, coeffs, inp: _Inputs, *, bn, batch_size, max_memory,
                     points_per_chunk, quiet):
-    fused = _Fused(model, stacked, loss)
+    model = fused.model
+    x, y, kw = inp.x, inp.y, inp.kwargs
     B = coeffs.shape[0]
-    n_ex = len(x)
-    ex_chunks = _chunks(n_ex, batch_size)
-    chain = _chain(model, x)
+    ex_chunks = _chunks(len(x), batch_size)
+    chain = _chain(model, x) if fused.loss != "lm" and not kw else None
     if points_per_chunk is None:
-        points_per_chunk = _chunk_size(fused, chain, x, ex_chunks[0][1] - ex_chunks[0][0], max_memory)
+        points_per_chunk = _chunk_size(fused, chain, x, ex_chunks[0][1] - ex_chunks[0][0], max_memory, kw)
     loss_sum = torch.zeros(B, dtype=torch.float64, device=coeffs.device)
     correct = torch.zeros(B, dtype=torch.int64, device=coeffs.device)
     was_training = model.training
@@ -383,13 +534,13 @@ def _evaluate_fused(model, stacked, coeffs, x, y, *, loss, bn, batch_size, max_m
             c = coeffs[p0:p1]
             mat = fused.materialise(c)
             if bn == "recompute":
-                fused.recompute_bn(c, mat, x, y, ex_chunks)
+                fused.recompute_bn(c, mat, x, y, ex_chunks, kw)
             for e0, e1 in ex_chunks:
                 if chain is not None:
                     with torch.no_grad():
                         ls, cor = _run_chain(chain, fused, c, x[e0:e1], y[e0:e1], inplace=True)
                 else:
-                    ls, cor = fused.run(c, mat, x[e0:e1], y[e0:e1], "apply")
+                    ls, cor = fused.run(c, mat, x[e0:e1], y[e0:e1], "apply", _rows_of(kw, e0, e1))
                 loss_sum[p0:p1] += ls.double()
                 correct[p0:p1] += cor
             bar.update(p1 - p0)
@@ -399,13 +550,52 @@ def _evaluate_fused(model, stacked, coeffs, x, y, *, loss, bn, batch_size, max_m
     return loss_sum, correct
 
 
+def _chunk_size(fused: _Fused, chain, x: Tensor, n_examples: int, max_memory: int, kwargs=None) -> int:
+    if chain is not None:
+        return _chain_points(chain, x, n_examples, max_memory)
+    return _points_per_chunk(fused, x, n_examples, max_memory, kwargs)
+
+
 # ----------------------------------------------------------------------------- loop engine
 
 
-def _evaluate_loop(model, stacked, coeffs, x, y, *, loss, bn, batch_size, quiet):
+def _direct_loss(out: Tensor, y: Tensor, loss: str, ignore_index: int) -> Tuple[Tensor, Tensor]:
+    """(loss_sum, correct) of one point from its materialised output, in float64."""
+    if loss == "mse":
+        return _mse_sum(out.double(), y), torch.zeros((), dtype=torch.int64)
+    if loss == "lm":
+        out, y = out[:, :-1], y[:, 1:]
+    logits = out.reshape(-1, out.shape[-1])
+    t = y.reshape(-1)
+    keep = t != ignore_index
+    loss_sum = F.cross_entropy(logits.double(), t, reduction="sum", ignore_index=ignore_index)
+    return loss_sum, ((logits.argmax(-1) == t) & keep).sum()
+
+
+def _update_bn(m: nn.Module, x: Tensor, chunks, kwargs) -> None:
+    """Running statistics of every BatchNorm recomputed from the data, as
+    ``torch.optim.swa_utils.update_bn`` does (a cumulative average over the chunks)."""
+    bns = [mod for mod in m.modules() if isinstance(mod, _BN)]
+    momenta = {}
+    for bn in bns:
+        bn.reset_running_stats()
+        momenta[bn] = bn.momentum
+        bn.momentum = None
+    m.train()
+    with torch.no_grad():
+        for e0, e1 in chunks:
+            m(x[e0:e1], **_rows_of(kwargs, e0, e1))
+    for bn in bns:
+        bn.momentum = momenta[bn]
+    m.eval()
+
+
+def _evaluate_loop(model, stacked, coeffs, inp: _Inputs, *, lay: P.Layout, loss, bn, batch_size,
+                   quiet, ignore_index=-100):
     m = copy.deepcopy(model)
-    keys = set(m.state_dict().keys())
+    keys = list(m.state_dict().keys())
     has_bn = any(isinstance(mod, _BN) for mod in m.modules())
+    x, y, kw = inp.x, inp.y, inp.kwargs
     B = coeffs.shape[0]
     loss_sum = torch.zeros(B, dtype=torch.float64, device=coeffs.device)
     correct = torch.zeros(B, dtype=torch.int64, device=coeffs.device)
@@ -414,20 +604,19 @@ def _evaluate_loop(model, stacked, coeffs, x, y, *, loss, bn, batch_size, quiet)
     for b in range(B):
         bar.update()
         state = P.combine(stacked, coeffs[b])
-        m.load_state_dict({k: v for k, v in state.items() if k in keys})
+        m.load_state_dict({k: state[lay.canonical(k)] for k in keys})
+        for name in lay.non_persistent:
+            m.get_buffer(name).copy_(state[name])
         if bn == "recompute" and has_bn:
-            torch.optim.swa_utils.update_bn([x[e0:e1] for e0, e1 in chunks], m)
+            _update_bn(m, x, chunks, kw)
         m.eval()
         with torch.no_grad():
             for e0, e1 in chunks:
-                logits = m(x[e0:e1])
-                if loss == "mse":
-                    loss_sum[b] += _mse_sum(logits.double(), y[e0:e1])
-                    continue
-                logits = logits.reshape(-1, logits.shape[-1])
-                t = y[e0:e1].reshape(-1)
-                loss_sum[b] += F.cross_entropy(logits.double(), t, reduction="sum")
-                correct[b] += (logits.argmax(-1) == t).sum()
+                out = logits_of(m(x[e0:e1], **_rows_of(kw, e0, e1)))
+                ls, cor = _direct_loss(out, y[e0:e1], loss, ignore_index)
+                loss_sum[b] += ls
+                correct[b] += cor
+    bar.close()
     return loss_sum, correct
 
 
@@ -438,44 +627,62 @@ def evaluate(
     model: nn.Module,
     vertices: Sequence[P.Vertex],
     coeffs: Tensor,
-    data: Tuple[Tensor, Tensor],
+    data: Tuple[Tensor, ...],
     *,
     loss: str = "cross_entropy",
     bn: str = "recompute",
-    engine: str = "fused",
+    engine: str = "auto",
     batch_size: Optional[int] = None,
     max_memory: int = 1 << 30,
     points_per_chunk: Optional[int] = None,
+    head: Optional[str] = None,
+    ignore_index: int = -100,
     quiet: bool = False,
 ) -> Evaluation:
     """Mean loss and accuracy of ``model`` at every point ``sum_k coeffs[b, k] * vertices[k]``.
 
     Args:
-        model: the architecture (its own parameters are not used); any module that runs under
-            ``torch.func.functional_call`` and ``vmap`` for ``engine="fused"``, any at all for
-            ``engine="loop"``. It must map inputs (N, ...) to logits (N, classes).
+        model: the architecture (its own parameters are not used; its non-persistent buffers,
+            which state dicts never hold, are). Any module for ``engine="loop"``; for
+            ``engine="fused"`` one that runs under ``torch.func.functional_call`` and ``vmap``
+            (Hugging Face GPT-2 and LLaMA, torchvision ResNets and the zoo do). It maps inputs
+            ``(N, ...)`` to logits ``(N, classes)`` (``(N, T, vocab)`` for ``loss="lm"``), as a
+            tensor, a Hugging Face ``ModelOutput`` or a tuple starting with the logits.
         vertices: K modules or state dicts of that architecture (a mismatch is a ValueError
-            naming the first offending parameter).
+            naming the first offending parameter). Tied parameters (GPT-2's ``lm_head.weight``
+            is ``transformer.wte.weight``) are one parameter under any of their names.
         coeffs: (B, K) coefficients; values outside [0, 1] extrapolate.
-        data: (inputs, targets), evaluated in chunks of ``batch_size`` examples (default all).
-        loss: ``"cross_entropy"`` (targets are class indices), or ``"mse"`` (targets are
+        data: ``(inputs, targets)``, evaluated in chunks of ``batch_size`` examples (default all).
+            Inputs may be float features or integer token ids.
+        loss: ``"cross_entropy"`` (targets are class indices), ``"mse"`` (targets are
             ``(N, outputs)`` floats, or ``(N,)`` for one output; the loss is ``F.mse_loss``'s
-            mean over all elements, and accuracy is NaN).
+            mean over all elements, and accuracy is NaN), or ``"lm"``: next-token cross-entropy
+            over every position of ``(N, T)`` token sequences, with ``data`` =
+            ``(input_ids, labels)`` or ``(input_ids, labels, attention_mask)`` (labels are
+            usually the input ids; position t's logits predict labels[t + 1]; labels equal to
+            ``ignore_index`` and masked positions do not count; the mask is passed to the model
+            as ``attention_mask=``). The mean is over the targets that count; accuracy is the
+            share of them predicted by the argmax.
         bn: ``"recompute"`` (default): BatchNorm statistics of every point recomputed from the
             data, as ``torch.optim.swa_utils.update_bn`` does; ``"interpolate"``: the vertices'
             running statistics mixed like every other buffer.
-        engine: ``"fused"`` (one batched pass over the points: vmapped, or for an MLP op by op)
-            or ``"loop"`` (one point at a time; on CPU the faster one for convolutional models
-            on many examples per point, e.g. 2x for a small CNN at N=1797).
+        engine: ``"fused"`` (one batched pass over the points: vmapped, or for an MLP op by op),
+            ``"loop"`` (one point at a time, loading its state dict), or ``"auto"`` (default):
+            the fused engine for MLPs; for other models, the first point by the loop and the next
+            few by the fused engine, timed, and the rest by the faster (a model that cannot run
+            under vmap falls back to the loop, with a warning). The engine used is in the result.
         max_memory: bytes the fused engine may use for per-point parameters and activations;
             points are processed in chunks under it. Results do not depend on the chunking.
         points_per_chunk: overrides the chunk size derived from ``max_memory``.
+        head: the module path of the classifier head the fused loss applies itself (never
+            holding a point's logits); default: see :func:`find_head`.
+        ignore_index: the label that does not count, for ``loss="lm"``.
         quiet: no progress bar (there is none either when stderr is not a terminal, or on a
             rank other than 0).
 
     Under ``torch.distributed`` (:mod:`manifold_ext.distributed`), the rows of ``coeffs`` are
     sharded across the ranks in blocks of whole chunks of points and every rank returns all the
-    results, equal to a single process's.
+    results, equal to a single process's (the fused engine is used).
 
     Returns:
         :class:`Evaluation` with ``loss`` and ``accuracy`` of shape (B,). A point that puts
@@ -483,52 +690,97 @@ def evaluate(
         parameter); the other points are unaffected.
     """
     _check_options(loss, bn)
-    if engine not in ("fused", "loop"):
-        raise ValueError(f"engine must be 'fused' or 'loop', got {engine!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(map(repr, ENGINES))}, got {engine!r}")
     start = time.perf_counter()
-    stacked = P.stack(vertices)
-    _check_names(model, stacked)
+    lay = P.layout(model)
+    stacked = P.stack(vertices, model=model)
+    _check_names(lay, stacked)
     first = next(iter(stacked.values()))
     coeffs = _check_coeffs(coeffs, first.shape[0]).to(first.device)
-    x, y = _check_data(data)
+    inp = _check_data(data, loss, ignore_index)
     bad = _non_finite(stacked, coeffs)  # P.stack made new tensors: the caller's stay untouched
+    fused = _Fused(model, stacked, loss, lay=lay, head=head, ignore_index=ignore_index)
+    chain = _chain(model, inp.x) if loss != "lm" and not inp.kwargs else None
+    if D.sharding() and engine == "auto":
+        engine = "fused"
     if engine == "fused" and points_per_chunk is None and D.sharding():
         # Fixed here, so that every rank's chunks are the ones a single process would use.
-        ex_rows = _chunks(len(x), batch_size)[0]
-        points_per_chunk = _chunk_size(_Fused(model, stacked, loss), _chain(model, x), x,
-                                       ex_rows[1] - ex_rows[0], max_memory)
+        ex_rows = _chunks(len(inp.x), batch_size)[0]
+        points_per_chunk = _chunk_size(fused, chain, inp.x, ex_rows[1] - ex_rows[0], max_memory, inp.kwargs)
     r0, r1 = D.shard(len(coeffs), points_per_chunk or 1) if D.sharding() else (0, len(coeffs))
     quiet = quiet or not D.is_main()
-    if engine == "fused":
-        loss_sum, correct = _evaluate_fused(model, stacked, coeffs[r0:r1], x, y, loss=loss, bn=bn,
-                                            batch_size=batch_size,
-                                            max_memory=max_memory, points_per_chunk=points_per_chunk,
-                                            quiet=quiet)
+    run_fused = lambda c, q: _evaluate_fused(fused, c, inp, bn=bn, batch_size=batch_size,  # noqa: E731
+                                             max_memory=max_memory, points_per_chunk=points_per_chunk,
+                                             quiet=q)
+    run_loop = lambda c, q: _evaluate_loop(model, stacked, c, inp, lay=lay, loss=loss, bn=bn,  # noqa: E731
+                                           batch_size=batch_size, quiet=q, ignore_index=ignore_index)
+    mine = coeffs[r0:r1]
+    if engine == "auto":
+        loss_sum, correct, engine = _auto(mine, chain is not None, run_fused, run_loop, quiet)
+    elif engine == "fused":
+        loss_sum, correct = run_fused(mine, quiet)
     else:
-        loss_sum, correct = _evaluate_loop(model, stacked, coeffs[r0:r1], x, y, loss=loss, bn=bn,
-                                           batch_size=batch_size,
-                                           quiet=quiet)
+        loss_sum, correct = run_loop(mine, quiet)
     if D.sharding():
         loss_sum, correct = D.gather_rows(loss_sum), D.gather_rows(correct)
-    n_rows = len(y) if loss == "mse" else y.numel()
-    mean = loss_sum / n_rows
-    acc = correct.double() / n_rows
+    mean = loss_sum / inp.n_targets
+    acc = correct.double() / inp.n_targets
     mean[bad] = float("nan")
     acc[bad] = float("nan")
     if loss == "mse":
         acc[:] = float("nan")
-    return Evaluation(loss=mean, accuracy=acc, n_examples=len(x),
-                      seconds=time.perf_counter() - start)
+    return Evaluation(loss=mean, accuracy=acc, n_examples=len(inp.x),
+                      seconds=time.perf_counter() - start, engine=engine)
+
+
+class _Unsupported(RuntimeError):
+    """The fused engine cannot run this model (it does not run under vmap)."""
+
+
+def _auto(coeffs: Tensor, is_chain: bool, run_fused, run_loop, quiet: bool):
+    """(loss_sum, correct, engine): an MLP chain by the fused engine (always the faster one);
+    otherwise point 0 by the loop and the next few points by the fused engine, both timed, and
+    the rest by the one that took less time per point. Small probes bias the choice towards the
+    loop, whose time per point does not depend on how many points it runs."""
+    B = coeffs.shape[0]
+    if is_chain or B == 0:
+        return (*run_fused(coeffs, quiet), "fused")
+    if B == 1:
+        return (*run_loop(coeffs, quiet), "loop")
+    t0 = time.perf_counter()
+    first = run_loop(coeffs[:1], True)
+    t_loop = time.perf_counter() - t0
+    m = min(B - 1, max(2, (B - 1) // 4))
+    t0 = time.perf_counter()
+    try:
+        probe = run_fused(coeffs[1:1 + m], True)
+    except RuntimeError as err:
+        if not isinstance(err.__cause__, Exception) or "could not evaluate" not in str(err):
+            raise
+        warnings.warn(f"engine='auto': the fused engine cannot run this model ({err.__cause__}); "
+                      "using the loop", RuntimeWarning, stacklevel=3)
+        rest = run_loop(coeffs[1:], quiet)
+        return torch.cat([first[0], rest[0]]), torch.cat([first[1], rest[1]]), "loop"
+    t_fused = (time.perf_counter() - t0) / m
+    parts = [first, probe]
+    if 1 + m < B:
+        run = run_fused if t_fused < t_loop else run_loop
+        parts.append(run(coeffs[1 + m:], quiet))
+    engine = "fused" if t_fused < t_loop else "loop"
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), engine
 
 
 def point_losses(
     model: nn.Module,
     stacked: P.State,
     coeffs: Tensor,
-    data: Tuple[Tensor, Tensor],
+    data: Tuple[Tensor, ...],
     *,
     loss: str = "cross_entropy",
     bn: str = "recompute",
+    head: Optional[str] = None,
+    ignore_index: int = -100,
 ) -> Tensor:
     """Differentiable mean loss at every point ``sum_k coeffs[b, k] * vertex_k``, shape (B,).
 
@@ -536,25 +788,29 @@ def point_losses(
     whole of ``data`` (a minibatch), no chunking, no NaN screening, and gradients flow to any
     tensor of ``stacked`` (``name -> (K, *shape)``, e.g. from :func:`manifold_ext.params.stack`
     with some vertices replaced by tensors that require grad) and to ``coeffs``, through the
-    fused ops' backward. ``loss`` and ``bn`` are as in :func:`evaluate`.
+    fused ops' backward. ``loss``, ``bn``, ``head`` and ``ignore_index`` are as in
+    :func:`evaluate`.
     """
     _check_options(loss, bn)
-    _check_names(model, stacked)
+    lay = P.layout(model)
     first = next(iter(stacked.values()))
+    stacked = P.conform(stacked, model, lay=lay, stacked=first.shape[0])
+    _check_names(lay, stacked)
     coeffs = _check_coeffs(coeffs, first.shape[0]).to(first.device)
-    x, y = _check_data(data)
-    fused = _Fused(model, stacked, loss)
-    chain = _chain(model, x)
+    inp = _check_data(data, loss, ignore_index)
+    x, y = inp.x, inp.y
+    fused = _Fused(model, stacked, loss, lay=lay, head=head, ignore_index=ignore_index)
+    chain = _chain(model, x) if loss != "lm" and not inp.kwargs else None
     was_training = model.training
     model.eval()
     try:
         if chain is not None:
             loss_sum, _ = _run_chain(chain, fused, coeffs, x, y, inplace=False)
-            return loss_sum / (len(y) if loss == "mse" else y.numel())
+            return loss_sum / inp.n_targets
         mat = fused.materialise(coeffs)
         if bn == "recompute":
-            fused.recompute_bn(coeffs, mat, x, y, [(0, len(x))])
-        loss_sum, _ = fused.run(coeffs, mat, x, y, "apply")
+            fused.recompute_bn(coeffs, mat, x, y, [(0, len(x))], inp.kwargs)
+        loss_sum, _ = fused.run(coeffs, mat, x, y, "apply", inp.kwargs)
     finally:
         model.train(was_training)
-    return loss_sum / (len(y) if loss == "mse" else y.numel())
+    return loss_sum / inp.n_targets

@@ -8,7 +8,8 @@ A *state* is a dict ``name -> tensor`` holding a model's parameters and buffers 
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, Mapping, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -18,14 +19,90 @@ Vertex = Union[nn.Module, Mapping[str, Tensor]]
 
 
 def state_of(vertex: Vertex) -> State:
-    """Parameters and buffers of a module (or a state dict's tensors), detached, in module order."""
+    """Parameters and buffers of a module (or a state dict's tensors), detached, in module order.
+
+    A tensor that appears under several names (tied parameters: a module lists it once, a state
+    dict under every name) is kept once, under its first name, so both forms agree."""
     if isinstance(vertex, nn.Module):
         out = {n: p.detach() for n, p in vertex.named_parameters()}
         out.update({n: b.detach() for n, b in vertex.named_buffers()})
         return out
     if isinstance(vertex, Mapping):
-        return {n: t.detach() for n, t in vertex.items() if isinstance(t, Tensor)}
+        out, seen = {}, set()
+        for n, t in vertex.items():
+            if not isinstance(t, Tensor):
+                continue
+            key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) if t.numel() else None
+            if key is not None and key in seen:
+                continue
+            seen.add(key)
+            out[n] = t.detach()
+        return out
     raise TypeError(f"expected a vertex to be an nn.Module or a state dict, got {type(vertex).__name__}")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a model names its tensors.
+
+    Attributes:
+        names: the canonical names, in :func:`state_of`'s order (parameters, then buffers).
+        aliases: every other name of a tied tensor, mapped to its canonical name (e.g. GPT-2's
+            ``lm_head.weight`` -> ``transformer.wte.weight``).
+        non_persistent: canonical names of buffers that state dicts never hold (e.g. rotary
+            ``inv_freq``); they are taken from the model.
+    """
+
+    names: Tuple[str, ...]
+    aliases: Dict[str, str]
+    non_persistent: Tuple[str, ...]
+
+    def canonical(self, name: str) -> str:
+        """The canonical name of ``name`` (itself unless it is an alias)."""
+        return self.aliases.get(name, name)
+
+
+def layout(model: nn.Module) -> Layout:
+    """The :class:`Layout` of ``model``: ties found by identity, as ``named_parameters`` does."""
+    canon: Dict[int, str] = {}
+    aliases: Dict[str, str] = {}
+    named = list(model.named_parameters(remove_duplicate=False)) + \
+        list(model.named_buffers(remove_duplicate=False))
+    for n, t in named:
+        if id(t) in canon:
+            aliases[n] = canon[id(t)]
+        else:
+            canon[id(t)] = n
+    non_persistent = []
+    for mod_name, m in model.named_modules():
+        for b in getattr(m, "_non_persistent_buffers_set", ()):
+            full = f"{mod_name}.{b}" if mod_name else b
+            if getattr(m, b, None) is not None:
+                non_persistent.append(aliases.get(full, full))
+    return Layout(names=tuple(state_of(model)), aliases=aliases,
+                  non_persistent=tuple(dict.fromkeys(non_persistent)))
+
+
+def conform(state: State, model: nn.Module, *, lay: Optional[Layout] = None,
+            stacked: Optional[int] = None) -> State:
+    """``state`` (a vertex's state, or a stack of ``stacked`` vertices) named as ``model`` names
+    its tensors: a tie under any of its names becomes its canonical name (one tensor everywhere),
+    and non-persistent buffers the state lacks are taken from the model (repeated ``stacked``
+    times). Other names pass through unchanged, so that a mismatch is still reported."""
+    lay = lay or layout(model)
+    out = dict(state)
+    for alias, name in lay.aliases.items():
+        if alias in out:
+            value = out.pop(alias)
+            out.setdefault(name, value)
+    if lay.non_persistent:
+        buffers = dict(model.named_buffers())
+        for name in lay.non_persistent:
+            if name not in out:
+                b = buffers[name].detach()
+                out[name] = b if stacked is None else torch.stack([b] * stacked)
+    order = {n: i for i, n in enumerate(lay.names)}
+    return dict(sorted(out.items(), key=lambda kv: order.get(kv[0], len(order))))
 
 
 def check_same_architecture(states: Sequence[State]) -> None:
@@ -48,9 +125,13 @@ def check_same_architecture(states: Sequence[State]) -> None:
                 raise ValueError(f"vertex {k} has a parameter {name!r} that vertex 0 lacks (shape {tuple(st[name].shape)})")
 
 
-def stack(vertices: Sequence[Vertex]) -> State:
-    """K vertices of one architecture as ``name -> (K, *shape)`` tensors (checked first)."""
+def stack(vertices: Sequence[Vertex], model: Optional[nn.Module] = None) -> State:
+    """K vertices of one architecture as ``name -> (K, *shape)`` tensors (checked first). With
+    ``model``, each vertex is first named as the model names its tensors (:func:`conform`)."""
     states = [state_of(v) for v in vertices]
+    if model is not None:
+        lay = layout(model)
+        states = [conform(st, model, lay=lay) for st in states]
     check_same_architecture(states)
     return {n: torch.stack([st[n] for st in states]) for n in states[0]}
 

@@ -142,15 +142,20 @@ class DataDependent(nn.Module):
 def test_model_that_cannot_vmap_suggests_loop():
     vertices = [DataDependent(), DataDependent()]
     with pytest.raises(RuntimeError, match=r"use evaluate\(..., engine='loop'\), which runs any model one point at a time"):
-        engine.evaluate(vertices[0], vertices, _coeffs(3, 2), _digits(5))
+        engine.evaluate(vertices[0], vertices, _coeffs(3, 2), _digits(5), engine="fused")
     ev = engine.evaluate(vertices[0], vertices, _coeffs(3, 2), _digits(5), engine="loop")
     assert torch.isfinite(ev.loss).all()
+    # The default engine falls back to the loop, says so, and gives the loop's results.
+    with pytest.warns(RuntimeWarning, match=r"engine='auto': the fused engine cannot run this model \(vmap: .*\); using the loop"):
+        auto = engine.evaluate(vertices[0], vertices, _coeffs(3, 2), _digits(5))
+    assert auto.engine == "loop"
+    torch.testing.assert_close(auto.loss, ev.loss)
 
 
 @pytest.mark.parametrize("arg,value,msg", [
     ("bn", "none", "bn must be 'recompute' or 'interpolate', got 'none'"),
-    ("engine", "jit", "engine must be 'fused' or 'loop', got 'jit'"),
-    ("loss", "nll", "loss must be 'cross_entropy' or 'mse', got 'nll'"),
+    ("engine", "jit", "engine must be one of 'auto', 'fused', 'loop', got 'jit'"),
+    ("loss", "nll", "loss must be one of 'cross_entropy', 'mse', 'lm', got 'nll'"),
 ])
 def test_option_errors(arg, value, msg):
     with pytest.raises(ValueError, match=msg):

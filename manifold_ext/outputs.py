@@ -1,0 +1,29 @@
+"""What a model returns, reduced to its logits.
+
+Models return a tensor (the zoo, torchvision), a Hugging Face ``ModelOutput`` (``.logits``), or a
+tuple whose first element is the logits (Hugging Face with ``return_dict=False``). Every place
+that reads a model's output goes through :func:`logits`, so all of them accept the same models.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+
+def logits(output) -> Tensor:
+    """The logits in a model's output: the tensor itself, ``output.logits`` (a Hugging Face
+    ``ModelOutput``), or the first element of a tuple or list.
+
+    Raises:
+        TypeError: naming the output's type, when none of these holds a tensor.
+    """
+    if isinstance(output, Tensor):
+        return output
+    found = getattr(output, "logits", None)
+    if isinstance(found, Tensor):
+        return found
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(f"expected the model to return logits: a tensor, an object with a .logits "
+                    f"tensor (a Hugging Face ModelOutput) or a tuple starting with one, got "
+                    f"{type(output).__name__}")
