@@ -45,8 +45,9 @@ def measure(rounds: int, steps: int) -> dict:
     tmp = Path(tempfile.mkdtemp())
     torch.manual_seed(0)
     ckpt = tmp / "m.pt"
-    torch.save(models.mlp((64, 512, 512, 10)), ckpt)
-    probe = ["probe", "plane", str(ckpt), "--steps", str(steps), "--no-plot", "--quiet"]
+    torch.save(models.mlp((64, 512, 512, 10)).state_dict(), ckpt)
+    probe = ["probe", "plane", str(ckpt), "--model", "mlp:64-512-512-10", "--steps", str(steps), "--no-plot",
+             "--quiet"]
     setups = {
         "1 process, 2 threads": lambda out: ([sys.executable, "-m", "manifold_ext", *probe, "--out", str(out)], 2),
         "1 process, 1 thread": lambda out: ([sys.executable, "-m", "manifold_ext", *probe, "--out", str(out)], 1),

@@ -8,10 +8,13 @@ import subprocess
 import sys
 
 _CHILD = r"""
-import json, sys, torch
+import importlib, json, sys, torch
 from benchmarks import cases, engine_cases
 case, method, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-module = engine_cases if hasattr(engine_cases, case) else cases
+if len(sys.argv) > 4:
+    module = importlib.import_module(sys.argv[4])
+else:
+    module = engine_cases if hasattr(engine_cases, case) else cases
 methods, _ = getattr(module, case)(**kwargs, only=method)
 fn = methods[method]
 def hwm():
@@ -30,11 +33,11 @@ print(json.dumps({"peak_extra_bytes": hwm() - before}))
 """
 
 
-def peak_extra_bytes(case: str, method: str, **kwargs) -> int:
-    """Bytes above the resident inputs that one call of <case>()[method] (from benchmarks.cases
-    or benchmarks.engine_cases) peaks at."""
+def peak_extra_bytes(case: str, method: str, *, module: str = "", **kwargs) -> int:
+    """Bytes above the resident inputs that one call of <case>()[method] (from ``module``, or
+    else benchmarks.cases or benchmarks.engine_cases) peaks at."""
     out = subprocess.run(
-        [sys.executable, "-c", _CHILD, case, method, json.dumps(kwargs)],
+        [sys.executable, "-c", _CHILD, case, method, json.dumps(kwargs)] + ([module] if module else []),
         check=True, capture_output=True, text=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_bytes"]

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from . import params as P
 from .engine import evaluate
+from .outputs import logits as logits_of
 from .probes import _Result
 
 Data = Tuple[Tensor, Tensor]
@@ -668,8 +669,43 @@ class BaselineReport(_Result):
     stderr: Dict[str, float] = field(default_factory=dict)
 
 
+class _Classifier(nn.Module):
+    """A model seen as the classifier the metrics expect: its logits as a tensor (from a Hugging
+    Face ``ModelOutput`` or a tuple), and for a language model the logits of every position but
+    the last, each predicting the next token."""
+
+    def __init__(self, model: nn.Module, next_token: bool):
+        super().__init__()
+        self.model = model
+        self.next_token = next_token
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = logits_of(self.model(x))
+        return out[:, :-1] if self.next_token else out
+
+
+def _as_classifier(model: nn.Module, data: Data, loss: str) -> Tuple[nn.Module, Data]:
+    """``(model, data)`` in the form every metric takes: for ``loss="lm"``, token sequences
+    ``(input_ids, labels)`` become per-position targets ``labels[:, 1:]``; a model whose output
+    is not a tensor is wrapped to return its logits."""
+    if loss not in ("cross_entropy", "lm"):
+        raise ValueError(f"loss must be 'cross_entropy' or 'lm' for the baselines, got {loss!r}")
+    x, y = _check_data(data)
+    if loss == "lm":
+        if x.dim() != 2 or y.shape != x.shape or x.shape[1] < 2:
+            raise ValueError(f"loss='lm' expects input_ids and labels of one shape (N, T), T >= 2, got "
+                             f"{tuple(x.shape)} and {tuple(y.shape)}")
+        if (y < 0).any():
+            raise ValueError("the baselines take no ignored labels (negative, e.g. -100): pass "
+                             "sequences without padding")
+        return _Classifier(model, True), (x, y[:, 1:])
+    with _evaluating(model), torch.no_grad():
+        out = model(x[:1])
+    return (model if isinstance(out, Tensor) else _Classifier(model, False)), (x, y)
+
+
 def compute_baselines(model: nn.Module, data: Data, *, input_shape: Optional[Sequence[int]] = None,
-                      seed: int = 0, batch_size: Optional[int] = None,
+                      seed: int = 0, batch_size: Optional[int] = None, loss: str = "cross_entropy",
                       include: Optional[Iterable[str]] = None, quiet: bool = False) -> BaselineReport:
     """Every baseline of :data:`BASELINES` (or those named in ``include``) with default settings.
 
@@ -682,6 +718,10 @@ def compute_baselines(model: nn.Module, data: Data, *, input_shape: Optional[Seq
         batch_size: examples per chunk for every data-dependent metric (default all).
         include: names to compute (any order; reported in registry order); unknown names are a
             ValueError listing the valid ones.
+        loss: ``"cross_entropy"`` (default), or ``"lm"`` for a language model on token
+            sequences ``(input_ids, labels)``: every position but the last is an example whose
+            target is the next label. Models returning a Hugging Face ``ModelOutput`` work with
+            either.
         quiet: no progress bar (there is none either when stderr is not a terminal).
 
     Returns:
@@ -690,7 +730,7 @@ def compute_baselines(model: nn.Module, data: Data, *, input_shape: Optional[Seq
         real-valued inputs.
     """
     _check_model(model)
-    x, y = _check_data(data)
+    model, (x, y) = _as_classifier(model, data, loss)
     batch_size = _check_batch_size(batch_size)
     shape = _check_input_shape(x.shape[1:] if input_shape is None else input_shape)
     if include is None:

@@ -17,8 +17,9 @@ deliberately short pre-training.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -80,15 +81,96 @@ class Task:
     def input_shape(self) -> Tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
+    @property
+    def device(self) -> torch.device:
+        """Where the task's tensors are."""
+        return self.x_train.device
+
+    def to(self, device) -> "Task":
+        """The same task with every tensor on ``device`` (itself when they already are)."""
+        device = torch.device(device)
+        if all(t.device == device for t in (self.x_train, self.y_train, self.x_test, self.y_test)):
+            return self
+        return Task(self.name, self.x_train.to(device), self.y_train.to(device), self.x_test.to(device),
+                    self.y_test.to(device))
+
 
 @dataclass
 class Benchmark:
-    """A task, a factory for the (untrained) base model and the candidates."""
+    """A task, a factory for the (untrained) base model and the candidates.
+
+    ``make_base`` may be None when the base is the user's own trained model, given to
+    :func:`manifold_ext.compare.compare` as ``base=``; the candidates' specs then name that
+    model's module paths, e.g.::
+
+        task = task_from_arrays(X, y)
+        bench = Benchmark("mine", task, candidates=[
+            Candidate("control"),
+            Candidate("wide", (Widen("fc1", factor=2, init="net2net"),)),
+            Candidate("deep", (Deepen(after="act1", init="identity"),)),
+        ])
+        compare(bench, Settings(), "runs/mine", base=my_trained_model)
+    """
 
     model: str
     task: Task
-    make_base: Callable[[], nn.Module]
+    make_base: Optional[Callable[[], nn.Module]] = None
     candidates: List[Candidate] = field(default_factory=list)
+
+
+def task_from_arrays(X, y, *, name: str = "custom", standardize: bool = True,
+                     tokens: Optional[bool] = None, test_fraction: float = 0.4, seed: int = 0,
+                     min_examples: int = 10) -> Task:
+    """A :class:`Task` from your own arrays: ``X`` of shape ``(N, ...)`` (features, images or
+    token ids) and ``y`` of shape ``(N,)`` (class indices), numpy arrays or tensors.
+
+    The examples are shuffled with ``seed`` and split: ``ceil(test_fraction * N)`` for testing,
+    the rest for training (the 60/40 split of ``manifold-ext compare --data``).
+
+    Args:
+        tokens: whether ``X`` holds integer token ids (kept as int64 and never standardised) or
+            features (cast to float32). None: token ids when ``X`` has an integer dtype.
+        standardize: features only: subtract each feature's mean and divide by its standard
+            deviation, both from the training split alone and applied to both splits (so no test
+            statistics leak in). A feature that is constant in the training split (its standard
+            deviation at most 1e-10 times its magnitude) is only centred. Statistics are
+            per feature: per element of ``X[i]``, e.g. per pixel for images.
+        name: the task's name (results and the resume check of a compare run record it).
+        min_examples: fewer examples than this is a ValueError.
+
+    Raises:
+        ValueError: for shapes that do not match, labels that are not non-negative integers,
+            token ids given as floats, or fewer than ``min_examples`` examples.
+    """
+    X, y = torch.as_tensor(X), torch.as_tensor(y)
+    if X.dim() < 2 or y.dim() != 1 or len(X) != len(y):
+        raise ValueError(f"expected X of shape (N, ...) and y of shape (N,), got X {tuple(X.shape)} "
+                         f"and y {tuple(y.shape)}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or (len(y) and y.min() < 0):
+        raise ValueError("y must hold class indices (non-negative integers)")
+    if len(X) < min_examples:
+        raise ValueError(f"expected at least {min_examples} examples, got {len(X)}")
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    integer = not (X.is_floating_point() or X.is_complex() or X.dtype == torch.bool)
+    tokens = integer if tokens is None else tokens
+    if tokens and not integer:
+        raise ValueError(f"token ids must be integers, got X of dtype {X.dtype}")
+    perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))
+    n_test = math.ceil(test_fraction * len(X))
+    te, tr = perm[:n_test], perm[n_test:]
+    if not len(tr):
+        raise ValueError(f"test_fraction={test_fraction!r} leaves no training examples (of {len(X)})")
+    if tokens:
+        return Task(name, X[tr].long(), y[tr].long(), X[te].long(), y[te].long())
+    x_train, x_test = X[tr].double(), X[te].double()  # statistics in float64, then cast
+    if standardize:
+        mean = x_train.mean(0)
+        std = x_train.std(0) if len(tr) > 1 else torch.zeros_like(mean)
+        constant = std <= 1e-10 * mean.abs().clamp_min(1.0)
+        std = torch.where(constant, torch.ones_like(std), std)
+        x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    return Task(name, x_train.float(), y[tr].long(), x_test.float(), y[te].long())
 
 
 def digits(image: bool = False) -> Task:

@@ -1,11 +1,12 @@
 """The compare workflow: which expansion of a base model will pay off?
 
-For every seed: train the base; for every candidate expansion, grow the base, adapt it briefly,
-measure the manifold size (every estimator, under one threshold set from the base) and every
-baseline metric on the adapted model, then fine-tune it for a fixed budget (the adaptation is its
-first epochs) and record the gain in test accuracy over the base and over the control (the base
-trained on for the same budget). Finally, correlate every metric with the gains (Spearman and
-Kendall, with bootstrap intervals that resample whole candidates).
+For every seed: train the base (or copy the user's trained base, given as ``base=``); for every
+candidate expansion, grow the base, adapt it briefly, measure the manifold size (every estimator,
+under one threshold set from the base) and every baseline metric on the adapted model, then
+fine-tune it for a fixed budget (the adaptation is its first epochs) and record the gain in test
+accuracy over the base and over the control (the base trained on for the same budget). Finally,
+correlate every metric with the gains (Spearman and Kendall, with bootstrap intervals that
+resample whole candidates).
 
 Each (seed, candidate) unit is written to ``OUT/units/`` atomically as it finishes, so a run that
 is killed and started again with ``resume=True`` loses nothing and recomputes nothing that had
@@ -15,6 +16,7 @@ finished. Under ``torchrun``, the units are spread across the ranks (:func:`comp
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -32,12 +34,16 @@ from tqdm.auto import tqdm
 from . import baselines as B
 from . import distributed as D
 from . import manifold as M
+from ._safe_load import PickledObjectsError, load_tensors, reason
 from .builtin import Benchmark, Candidate, Task
-from .expand import expand
-from .stats import rank_correlation
+from .expand import Widen, expand
+from .outputs import logits
+from .stats import gain_signal, rank_correlation
 
 ESTIMATOR_NAMES = tuple(M.ESTIMATORS)
 PRESERVING = 1e-4  # an expansion whose measured preservation error is below this preserves the function
+CHANCE_MARGIN = 0.05  # a base less than this (5 points of accuracy) above chance is at chance level
+SIGNAL_P = 0.05  # a Friedman p-value above this: the gains do not differ beyond the seed spread
 
 
 @dataclass
@@ -46,7 +52,8 @@ class Settings:
 
     Attributes:
         seeds: seeds 0 .. seeds-1; each trains its own base and repeats every candidate.
-        base_epochs: the base's training (Adam, ``lr``, ``batch_size``).
+        base_epochs: the base's training (Adam, ``lr``, ``batch_size``); unused when
+            :func:`compare` is given a trained ``base``.
         adapt_epochs: the candidates' short adaptation before the metrics are measured.
         finetune_epochs: the fixed budget of the ground truth (including the adaptation).
         lr, batch_size: all training.
@@ -121,7 +128,7 @@ QUICK = dict(seeds=2, finetune_epochs=3, probe_examples=256, n_boot=500,
 
 
 def _loss(model: nn.Module, x, y) -> torch.Tensor:
-    return F.cross_entropy(model(x), y)
+    return F.cross_entropy(logits(model(x)), y)
 
 
 def train(model: nn.Module, x, y, *, epochs: int, lr: float, batch_size: int, seed: int,
@@ -146,11 +153,12 @@ def train(model: nn.Module, x, y, *, epochs: int, lr: float, batch_size: int, se
 def accuracy(model: nn.Module, x, y) -> float:
     """Test accuracy in eval mode."""
     model.eval()
-    return (model(x).argmax(-1) == y).double().mean().item()
+    return (logits(model(x)).argmax(-1) == y).double().mean().item()
 
 
 @torch.no_grad()
 def mean_loss(model: nn.Module, x, y) -> float:
+    """Mean cross-entropy in eval mode."""
     model.eval()
     return _loss(model, x, y).item()
 
@@ -168,20 +176,67 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-def _base(bench: Benchmark, settings: Settings, seed: int, out: Path) -> nn.Module:
-    """The seed's trained base, cached in ``OUT/bases`` so that a resumed run does not retrain."""
-    path = out / "bases" / f"seed{seed}.pt"
-    if path.exists():
-        return torch.load(path, weights_only=False)
+def _fresh_base(bench: Benchmark, seed: int, base: Optional[nn.Module] = None) -> nn.Module:
+    """An untrained base of the seed: a copy of ``base`` when given, else ``bench.make_base()``
+    under ``torch.manual_seed(seed)`` (the caller's RNG untouched), on the CPU."""
+    if base is not None:
+        return copy.deepcopy(base).cpu()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = bench.make_base()
-    t = bench.task
+        return bench.make_base()
+
+
+def load_base(bench: Benchmark, out, seed: int = 0, *, base: Optional[nn.Module] = None,
+              device=None) -> nn.Module:
+    """The trained base of seed ``seed`` of the compare run in ``out``, in eval mode.
+
+    ``OUT/bases/seed<seed>.pt`` holds its state dict; it is read with
+    ``torch.load(weights_only=True)``, which never runs code from the file, and loaded strictly
+    into a fresh model of the benchmark's architecture (``bench.make_base()`` under the seed, or
+    a copy of ``base`` when the run's base was given to :func:`compare` as ``base=``), on
+    ``device`` (default: the CPU).
+
+    Raises:
+        FileNotFoundError: the run has no base for that seed.
+        ValueError: the file holds pickled objects, not just tensors, or does not fit the
+            architecture (naming the file).
+    """
+    path = Path(out) / "bases" / f"seed{seed}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (the compare run in {out} has no base for seed {seed})")
+    try:
+        state = load_tensors(path)
+    except PickledObjectsError as err:
+        raise ValueError(f"{err}; compare saves each base as a state dict and never unpickles one: delete the "
+                         f"file to train that base again (its training is seeded), or start afresh in another "
+                         f"directory") from None
+    except Exception as err:  # noqa: BLE001 - a torn or corrupt file
+        raise ValueError(f"{path}: torch.load cannot read it ({reason(err)}); delete the file to train that "
+                         f"base again") from err
+    model = _fresh_base(bench, seed, base)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a state dict (a dict of tensors), got a {type(state).__name__}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{path} does not fit the benchmark's base architecture: "
+                         f"{(str(err).splitlines() or [''])[0]}") from None
+    return model.to(torch.device("cpu") if device is None else device).eval()
+
+
+def _base(bench: Benchmark, settings: Settings, seed: int, out: Path, task: Optional[Task] = None) -> nn.Module:
+    """The seed's trained base on the device of ``task`` (default ``bench.task``), cached in
+    ``OUT/bases`` as a state dict so that a resumed run does not retrain."""
+    t = bench.task if task is None else task
+    path = out / "bases" / f"seed{seed}.pt"
+    if path.exists():
+        return load_base(bench, out, seed, device=t.device)
+    model = _fresh_base(bench, seed).to(t.device)  # initialised on the CPU: the same on every device
     train(model, t.x_train, t.y_train, epochs=settings.base_epochs, lr=settings.lr,
           batch_size=settings.batch_size, seed=seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(model, tmp)
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
     os.replace(tmp, path)
     return model
 
@@ -230,6 +285,109 @@ def run_unit(base: nn.Module, candidate: Candidate, task: Task, settings: Settin
     }
 
 
+# ----------------------------------------------------------------------------- a given base
+
+
+def fingerprint(model: nn.Module) -> str:
+    """``sha256:<hex>`` of the model's state dict: every tensor's name, dtype, shape and bytes, in
+    the state dict's order. Two models share a fingerprint exactly when their state dicts are
+    equal bit for bit (and name their tensors alike); the resume check of :func:`compare`
+    records it for a base given as ``base=``."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def chance_accuracy(task: Task) -> float:
+    """The test accuracy of always predicting the most frequent training class."""
+    mode = torch.bincount(task.y_train.cpu()).argmax()
+    return (task.y_test.cpu() == mode).double().mean().item()
+
+
+@torch.no_grad()
+def check_data(base: nn.Module, task: Task, rows: int = 8) -> None:
+    """Check that ``task`` fits ``base`` before anything is trained: a forward pass (eval mode, the
+    base's modes restored) on the first ``rows`` training inputs gives logits of shape
+    ``(rows, classes)`` (read by :func:`manifold_ext.outputs.logits`), and every label of both
+    splits lies in ``[0, classes)``. For integer inputs (token ids) and a base with an
+    ``nn.Embedding``, every id of both splits lies within the first embedding (in module order:
+    the token embedding of the usual language models).
+
+    Raises:
+        ValueError: saying what does not fit.
+    """
+    emb = next((m for m in base.modules() if isinstance(m, nn.Embedding)), None)
+    if emb is not None and not task.x_train.is_floating_point():
+        ids = torch.cat([task.x_train.reshape(-1), task.x_test.reshape(-1)])
+        if len(ids) and (ids.min() < 0 or ids.max() >= emb.num_embeddings):
+            raise ValueError(f"the token ids lie in [{ids.min().item()}, {ids.max().item()}], but the base's "
+                             f"embedding has {emb.num_embeddings} entries (expected ids in "
+                             f"[0, {emb.num_embeddings}))")
+    x = task.x_train[:rows].to(_device_of(base))
+    modes = [(m, m.training) for m in base.modules()]
+    try:
+        base.eval()
+        out = logits(base(x))
+    except Exception as err:  # noqa: BLE001 - whatever the model raises on inputs it cannot take
+        why = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"the data do not fit the base: a forward pass on inputs of shape "
+                         f"{tuple(x.shape)} ({x.dtype}) raised {type(err).__name__}: {why}") from None
+    finally:
+        for m, t in modes:
+            m.train(t)
+    if out.dim() != 2 or out.shape[0] != len(x):
+        raise ValueError(f"the base must output logits of shape (N, classes); on inputs of shape "
+                         f"{tuple(x.shape)} it output {tuple(out.shape)}")
+    classes = out.shape[1]
+    y = torch.cat([task.y_train.reshape(-1), task.y_test.reshape(-1)])
+    if len(y) and (y.min() < 0 or y.max() >= classes):
+        raise ValueError(f"the labels lie in [{y.min().item()}, {y.max().item()}], but the base has {classes} "
+                         f"outputs (expected labels in [0, {classes}))")
+
+
+def check_candidates(base: nn.Module, candidates: Sequence[Candidate], task: Task, rows: int = 8) -> None:
+    """Grow a copy of ``base`` by every candidate, spec by spec, and run each grown model on the
+    first ``rows`` training inputs, so that a target that names no module (or one that cannot be
+    grown) fails before anything is trained. ``base`` is not modified.
+
+    Raises:
+        ValueError: ``candidate NAME, Widen target 'PATH': why`` (or ``Deepen after 'PATH'``).
+    """
+    x = task.x_train[:rows].to(_device_of(base))
+    for cand in candidates:
+        grown = base
+        for spec in cand.specs:
+            where = f"Widen target {spec.target!r}" if isinstance(spec, Widen) else f"Deepen after {spec.after!r}"
+            try:
+                grown, _ = expand(grown, spec, check_inputs=x)
+            except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as err:
+                why = (str(err).strip().splitlines() or [""])[0]
+                raise ValueError(f"candidate {cand.name!r}, {where}: {why}") from None
+
+
+def _given_base(bench: Benchmark, base: nn.Module, seed: int, out: Path) -> nn.Module:
+    """The seed's copy of a base given to :func:`compare` (never trained here); its state dict is
+    written to ``OUT/bases/seed<seed>.pt`` as a trained base's is, unless already there."""
+    model = _fresh_base(bench, seed, base).eval()
+    path = out / "bases" / f"seed{seed}.pt"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+        os.replace(tmp, path)
+    return model
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -246,6 +404,10 @@ class CompareResult:
         correlations: one row per metric: Spearman and Kendall with the gains over the base,
             with intervals; Spearman over the function-preserving expansions and the control
             alone; and the share of equal-size candidate pairs put in the right order.
+        signal: whether the gains differ beyond the seed spread:
+            :func:`manifold_ext.stats.gain_signal` of the gains over the base.
+        warnings: what makes the ranking untrustworthy, in words (see :func:`summarise`).
+        base_fingerprint: the :func:`fingerprint` of a base given to :func:`compare`, else None.
     """
 
     settings: dict
@@ -255,6 +417,9 @@ class CompareResult:
     ranking: List[dict]
     correlations: List[dict]
     seconds: float = 0.0
+    signal: dict = field(default_factory=dict)
+    warnings: List[str] = field(default_factory=list)
+    base_fingerprint: Optional[str] = None
 
     def to_json(self, path: Optional[Path] = None) -> str:
         text = json.dumps(asdict(self), indent=1, default=str)
@@ -275,6 +440,10 @@ def _check_config(out: Path, config: dict, resume: bool) -> None:
             raise ValueError(f"{path} is corrupt ({err}); remove the directory to start afresh") from None
         if old != config:
             diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            if diff == ["base"]:
+                raise ValueError(f"cannot resume {out}: it was run from another base (its base: "
+                                 f"{old.get('base') or 'trained by compare'}; this one: "
+                                 f"{config.get('base') or 'trained by compare'})")
             raise ValueError(f"cannot resume {out}: its settings differ in {diff}")
     else:
         out.mkdir(parents=True, exist_ok=True)
@@ -288,8 +457,8 @@ def _load_unit(path: Path) -> Optional[dict]:
         return None  # absent or torn: recomputed
 
 
-def compare(bench: Benchmark, settings: Settings, out: Path, *, resume: bool = False,
-            quiet: bool = False) -> CompareResult:
+def compare(bench: Benchmark, settings: Settings, out: Path, *, base: Optional[nn.Module] = None,
+            resume: bool = False, quiet: bool = False, device=None) -> CompareResult:
     """Run the whole workflow on ``bench`` (see the module docstring) and write
     ``OUT/results.json``; every unit is also kept in ``OUT/units``, and each seed's base in
     ``OUT/bases``.
@@ -298,17 +467,44 @@ def compare(bench: Benchmark, settings: Settings, out: Path, *, resume: bool = F
     sends them to every rank, the units are dealt round-robin across the ranks (each writes its
     own unit files as they finish: give every rank the same ``out``, e.g. a shared file system),
     and rank 0 gathers them, writes any unit file it lacks and the results. Every rank returns
-    the same result, equal to a single process's."""
+    the same result, equal to a single process's.
+
+    ``device`` (default: the device of the task's tensors) is where everything is computed: the
+    task's tensors and the bases are moved there, so training, the estimators and the baselines
+    run there. It is not part of the settings a resumed run must match: a run started on one
+    device may be resumed on another (the bases are saved on the CPU).
+
+    ``base``: your own trained model. No base is trained then (``bench.make_base`` may be None
+    and ``settings.base_epochs`` is unused): every seed starts from a copy of it (``base`` itself
+    is never modified), and the seeds differ in the candidates' growth initialisation and data
+    orders. The candidates' specs name its module paths. Its :func:`fingerprint` is part of the
+    run's ``config.json``, so a run is never resumed with another base.
+
+    Before anything is trained, the data are checked against the base (:func:`check_data`) and
+    every candidate is grown once from it (:func:`check_candidates`): a ValueError says what
+    does not fit. ``result.warnings`` (also in ``results.json``) flags a base at chance level
+    and gains that do not differ beyond the seed spread (see :func:`summarise`)."""
     start = time.perf_counter()
     out = Path(out)
     names = [c.name for c in bench.candidates]
     if len(set(names)) != len(names):
         raise ValueError(f"candidate names must be unique, got duplicates "
                          f"{sorted({n for n in names if names.count(n) > 1})}")
+    if base is None and bench.make_base is None:
+        raise ValueError("compare: the benchmark has no make_base; pass your trained model as base=")
+    if base is not None and not isinstance(base, nn.Module):
+        raise TypeError(f"compare: base must be an nn.Module, got {type(base).__name__}")
+    # Before any training: the data fit the base, and every candidate grows from it.
+    reference = _fresh_base(bench, 0, base)
+    check_data(reference, bench.task)
+    check_candidates(reference, bench.candidates, bench.task)
+    del reference
     config = {"model": bench.model, "task": bench.task.name, "settings": asdict(settings),
               "candidates": [c.to_dict() for c in bench.candidates]}
+    if base is not None:  # absent for a trained base, so that older run directories still resume
+        config["base"] = fingerprint(base)
     config = json.loads(json.dumps(config, default=str))
-    t = bench.task
+    t = bench.task.to(bench.task.device if device is None else device)
     probe = (t.x_train[:settings.probe_examples], t.y_train[:settings.probe_examples])
     # Rank 0 checks the directory and trains (or loads) the bases; every rank then has the
     # same ones, or the same error.
@@ -316,18 +512,25 @@ def compare(bench: Benchmark, settings: Settings, out: Path, *, resume: bool = F
     if D.is_main():
         try:
             _check_config(out, config, resume)
-            base_models = [_base(bench, settings, seed, out) for seed in range(settings.seeds)]
+            base_models = [_base(bench, settings, seed, out, task=t) if base is None
+                           else _given_base(bench, base, seed, out) for seed in range(settings.seeds)]
         except ValueError as err:
             failure = str(err)
+    if D.active() and base_models is not None:
+        # Sent from the CPU: a pickled CUDA tensor would arrive on rank 0's device.
+        base_models = [m.cpu() for m in base_models]
     failure, base_models = D.broadcast((failure, base_models))
     if failure is not None:
         raise ValueError(failure)
+    base_models = [m.to(t.device) for m in base_models]
     bases = []
-    for seed, base in enumerate(base_models):
-        base_loss = mean_loss(base, *probe)
-        bases.append({"seed": seed, "test_accuracy": accuracy(base, t.x_test, t.y_test),
+    chance = chance_accuracy(t)
+    for seed, model in enumerate(base_models):
+        base_loss = mean_loss(model, *probe)
+        bases.append({"seed": seed, "test_accuracy": accuracy(model, t.x_test, t.y_test),
+                      "test_loss": mean_loss(model, t.x_test, t.y_test), "chance_accuracy": chance,
                       "probe_loss": base_loss, "threshold": settings.threshold * base_loss,
-                      "parameters": sum(p.numel() for p in base.parameters())})
+                      "parameters": sum(p.numel() for p in model.parameters())})
     jobs = [(seed, cand) for seed in range(settings.seeds) for cand in bench.candidates]
     mine = [i for i in range(len(jobs)) if i % D.world() == D.rank()]
     bar = tqdm(total=len(jobs), desc="compare", unit="candidate", leave=False,
@@ -350,6 +553,7 @@ def compare(bench: Benchmark, settings: Settings, out: Path, *, resume: bool = F
     units = [done[i] for i in range(len(jobs))]
     result = summarise(bench, settings, bases, units)
     result.seconds = time.perf_counter() - start
+    result.base_fingerprint = config.get("base")
     if D.is_main():
         for (seed, cand), unit in zip(jobs, units):  # another node's units, without a shared disk
             if not _unit_path(out, seed, cand).exists():
@@ -400,7 +604,18 @@ def _equal_size_order(units: List[dict], name: str) -> Optional[float]:
 
 
 def summarise(bench: Benchmark, settings: Settings, bases: List[dict], units: List[dict]) -> CompareResult:
-    """Gains, the ranking and the correlation tables from the units."""
+    """Gains, the ranking, the correlation tables and the warnings from the units.
+
+    Two warnings can be raised (``CompareResult.warnings``):
+
+    * the base is at chance level: its test accuracy (mean over the seeds' bases) is less than
+      ``CHANCE_MARGIN`` (5 points) above the chance level, the test accuracy of always predicting
+      the most frequent training class;
+    * the gains carry no signal: with at least 2 seeds and 3 candidates, Friedman's test of the
+      gains over the base (seeds as blocks, candidates as treatments) gives ``p > SIGNAL_P``
+      (0.05). ``CompareResult.signal`` holds the p-value, the spread of the candidates' mean gains
+      and the mean spread across seeds.
+    """
     base_acc = {b["seed"]: b["test_accuracy"] for b in bases}
     control = {u["seed"]: u["test_accuracy"] for u in units if u["candidate"] == "control"}
     for u in units:
@@ -442,6 +657,25 @@ def summarise(bench: Benchmark, settings: Settings, bases: List[dict], units: Li
             sub.spearman, sub.spearman_ci, sub.n
         row["equal_size_order"] = _equal_size_order(units, name)
         correlations.append(row)
+    seeds = sorted({u["seed"] for u in units})
+    by_unit = {(u["seed"], u["candidate"]): u["gain_over_base"] for u in units}
+    signal = gain_signal([[by_unit[(s, c.name)] for c in bench.candidates] for s in seeds])
+    warnings = []
+    chance = [b["chance_accuracy"] for b in bases if b.get("chance_accuracy") is not None]
+    if chance:
+        acc = sum(b["test_accuracy"] for b in bases) / len(bases)
+        if acc < chance[0] + CHANCE_MARGIN:
+            warnings.append(f"the base is at chance level (test accuracy {100 * acc:.1f}% vs chance "
+                            f"{100 * chance[0]:.1f}%): the gains below measure noise, not expansion")
+    p = signal["friedman_p"]
+    if p is not None and p > SIGNAL_P:
+        text = (f"the candidates' gains do not differ beyond the seed spread (Friedman p = {p:.2g}): "
+                "no ranking conclusion can be drawn")
+        if signal["friedman_min_p"] > SIGNAL_P:
+            text += (f" (with {len(seeds)} seeds and {len(bench.candidates)} candidates, p cannot fall "
+                     f"below {signal['friedman_min_p']:.2g}: run more seeds)")
+        warnings.append(text)
     return CompareResult(settings=json.loads(json.dumps(asdict(settings), default=str)),
                          candidates=[c.to_dict() for c in bench.candidates], bases=bases,
-                         units=units, ranking=ranking, correlations=correlations)
+                         units=units, ranking=ranking, correlations=correlations, signal=signal,
+                         warnings=warnings)

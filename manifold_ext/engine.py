@@ -196,8 +196,12 @@ def find_head(model: nn.Module, loss: str, head: Optional[str] = None) -> Option
         return linears[-1] if linears else None
     if loss == "cross_entropy" and isinstance(model, nn.Sequential) and len(model) > 0 \
             and _is_linear(model[-1]):
-        return str(len(model) - 1)
+        return list(model._modules)[-1]  # its name: an index, or the user's own name
     return None
+
+
+class _Unsupported(RuntimeError):
+    """The fused engine cannot run this model (it does not run under vmap)."""
 
 
 class _Fused:
@@ -304,7 +308,7 @@ class _Fused:
         except (torch.OutOfMemoryError, MemoryError):
             raise
         except Exception as err:  # noqa: BLE001 - rethrown with the fallback named
-            raise RuntimeError(
+            raise _Unsupported(
                 f"the fused engine could not evaluate {type(self.model).__name__} under "
                 f"torch.func.vmap ({type(err).__name__}: {err}); use evaluate(..., "
                 "engine='loop'), which runs any model one point at a time") from err
@@ -516,7 +520,7 @@ def _check_data(data, loss: str = "cross_entropy", ignore_index: int = -100) -> 
 
 
 def _evaluate_fused(fused: _Fused, coeffs, inp: _Inputs, *, bn, batch_size, max_memory,
-                    points_per_chunk, quiet):
+                    points_per_chunk, quiet, times: Optional[List[float]] = None):
     model = fused.model
     x, y, kw = inp.x, inp.y, inp.kwargs
     B = coeffs.shape[0]
@@ -531,6 +535,7 @@ def _evaluate_fused(fused: _Fused, coeffs, inp: _Inputs, *, bn, batch_size, max_
     try:
         bar = _progress(B, quiet, "points")
         for p0, p1 in _chunks(B, points_per_chunk):
+            t0 = time.perf_counter()
             c = coeffs[p0:p1]
             mat = fused.materialise(c)
             if bn == "recompute":
@@ -543,6 +548,8 @@ def _evaluate_fused(fused: _Fused, coeffs, inp: _Inputs, *, bn, batch_size, max_
                     ls, cor = fused.run(c, mat, x[e0:e1], y[e0:e1], "apply", _rows_of(kw, e0, e1))
                 loss_sum[p0:p1] += ls.double()
                 correct[p0:p1] += cor
+            if times is not None:
+                times.extend([(time.perf_counter() - t0) / (p1 - p0)] * (p1 - p0))
             bar.update(p1 - p0)
         bar.close()
     finally:
@@ -591,7 +598,7 @@ def _update_bn(m: nn.Module, x: Tensor, chunks, kwargs) -> None:
 
 
 def _evaluate_loop(model, stacked, coeffs, inp: _Inputs, *, lay: P.Layout, loss, bn, batch_size,
-                   quiet, ignore_index=-100):
+                   quiet, ignore_index=-100, times: Optional[List[float]] = None):
     m = copy.deepcopy(model)
     keys = list(m.state_dict().keys())
     has_bn = any(isinstance(mod, _BN) for mod in m.modules())
@@ -602,6 +609,7 @@ def _evaluate_loop(model, stacked, coeffs, inp: _Inputs, *, lay: P.Layout, loss,
     chunks = _chunks(len(x), batch_size)
     bar = _progress(B, quiet, "points")
     for b in range(B):
+        t0 = time.perf_counter()
         bar.update()
         state = P.combine(stacked, coeffs[b])
         m.load_state_dict({k: state[lay.canonical(k)] for k in keys})
@@ -616,6 +624,8 @@ def _evaluate_loop(model, stacked, coeffs, inp: _Inputs, *, lay: P.Layout, loss,
                 ls, cor = _direct_loss(out, y[e0:e1], loss, ignore_index)
                 loss_sum[b] += ls
                 correct[b] += cor
+        if times is not None:
+            times.append(time.perf_counter() - t0)
     bar.close()
     return loss_sum, correct
 
@@ -710,11 +720,12 @@ def evaluate(
         points_per_chunk = _chunk_size(fused, chain, inp.x, ex_rows[1] - ex_rows[0], max_memory, inp.kwargs)
     r0, r1 = D.shard(len(coeffs), points_per_chunk or 1) if D.sharding() else (0, len(coeffs))
     quiet = quiet or not D.is_main()
-    run_fused = lambda c, q: _evaluate_fused(fused, c, inp, bn=bn, batch_size=batch_size,  # noqa: E731
-                                             max_memory=max_memory, points_per_chunk=points_per_chunk,
-                                             quiet=q)
-    run_loop = lambda c, q: _evaluate_loop(model, stacked, c, inp, lay=lay, loss=loss, bn=bn,  # noqa: E731
-                                           batch_size=batch_size, quiet=q, ignore_index=ignore_index)
+    run_fused = lambda c, q, times=None: _evaluate_fused(  # noqa: E731
+        fused, c, inp, bn=bn, batch_size=batch_size, max_memory=max_memory,
+        points_per_chunk=points_per_chunk, quiet=q, times=times)
+    run_loop = lambda c, q, times=None: _evaluate_loop(  # noqa: E731
+        model, stacked, c, inp, lay=lay, loss=loss, bn=bn, batch_size=batch_size, quiet=q,
+        ignore_index=ignore_index, times=times)
     mine = coeffs[r0:r1]
     if engine == "auto":
         loss_sum, correct, engine = _auto(mine, chain is not None, run_fused, run_loop, quiet)
@@ -734,40 +745,32 @@ def evaluate(
                       seconds=time.perf_counter() - start, engine=engine)
 
 
-class _Unsupported(RuntimeError):
-    """The fused engine cannot run this model (it does not run under vmap)."""
-
-
 def _auto(coeffs: Tensor, is_chain: bool, run_fused, run_loop, quiet: bool):
-    """(loss_sum, correct, engine): an MLP chain by the fused engine (always the faster one);
-    otherwise point 0 by the loop and the next few points by the fused engine, both timed, and
-    the rest by the one that took less time per point. Small probes bias the choice towards the
-    loop, whose time per point does not depend on how many points it runs."""
+    """(loss_sum, correct, engine): an MLP chain by the fused engine (the faster on every chain
+    the engine benchmark measures); otherwise point 0 by the loop and the next few points by the
+    fused engine, each timed per point without its once-per-call setup, and the rest by the one
+    that took less time per point. The fused engine is probed on few points, which it runs at
+    its least efficient: any error of the choice favours the loop, the engine that must never
+    be beaten."""
     B = coeffs.shape[0]
     if is_chain or B == 0:
         return (*run_fused(coeffs, quiet), "fused")
     if B == 1:
         return (*run_loop(coeffs, quiet), "loop")
-    t0 = time.perf_counter()
-    first = run_loop(coeffs[:1], True)
-    t_loop = time.perf_counter() - t0
-    m = min(B - 1, max(2, (B - 1) // 4))
-    t0 = time.perf_counter()
+    t_loop, t_fused = [], []
+    first = run_loop(coeffs[:1], True, t_loop)
+    m = min(B - 1, max(1, (B - 1) // 16))
     try:
-        probe = run_fused(coeffs[1:1 + m], True)
-    except RuntimeError as err:
-        if not isinstance(err.__cause__, Exception) or "could not evaluate" not in str(err):
-            raise
+        probe = run_fused(coeffs[1:1 + m], True, t_fused)
+    except _Unsupported as err:
         warnings.warn(f"engine='auto': the fused engine cannot run this model ({err.__cause__}); "
                       "using the loop", RuntimeWarning, stacklevel=3)
         rest = run_loop(coeffs[1:], quiet)
         return torch.cat([first[0], rest[0]]), torch.cat([first[1], rest[1]]), "loop"
-    t_fused = (time.perf_counter() - t0) / m
+    engine = "fused" if sum(t_fused) / len(t_fused) < t_loop[0] else "loop"
     parts = [first, probe]
     if 1 + m < B:
-        run = run_fused if t_fused < t_loop else run_loop
-        parts.append(run(coeffs[1 + m:], quiet))
-    engine = "fused" if t_fused < t_loop else "loop"
+        parts.append((run_fused if engine == "fused" else run_loop)(coeffs[1 + m:], quiet))
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), engine
 
 

@@ -31,12 +31,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import params as P
 from .engine import evaluate, point_losses
+from .outputs import mean_loss
 from .probes import _Result, _figure
 
 Data = Tuple[Tensor, Tensor]
@@ -135,7 +135,7 @@ class _Space:
         self.norms = P.filter_norms(self.anchor, self.names)
         n_filters = sum(t.numel() for t in self.norms.values())
         self.metric = {n: (self.norms[n] * math.sqrt(n_filters)) if units == "filter"
-                       else torch.ones((), dtype=torch.float64) for n in self.names}
+                       else torch.ones((), dtype=torch.float64, device=self.anchor[n].device) for n in self.names}
         self.rms = {}
         for n in self.names:
             t = self.anchor[n]
@@ -163,9 +163,11 @@ class _Space:
 
 
 def _losses(model, vertices, coeffs: Tensor, data: Data, ev_kw: dict) -> Tensor:
-    dtype = vertices[0][next(iter(vertices[0]))].dtype
-    ev = evaluate(model, vertices, coeffs.to(dtype), data, quiet=True, **ev_kw)
-    return torch.nan_to_num(ev.loss.double(), nan=math.inf)
+    """Mean loss at every row of ``coeffs`` (float64, NaN as inf), on the CPU whatever the
+    model's device: the searches that use them mix them with CPU bookkeeping."""
+    first = vertices[0][next(iter(vertices[0]))]
+    ev = evaluate(model, vertices, coeffs.to(device=first.device, dtype=first.dtype), data, quiet=True, **ev_kw)
+    return torch.nan_to_num(ev.loss.double(), nan=math.inf).cpu()
 
 
 def _setup(model, data, units, tau, epsilon, relative, ev_kw) -> Tuple[_Space, float, float]:
@@ -218,7 +220,8 @@ def _directions(space: _Space, n: int, kind: str, ignore: str, seed: int) -> Lis
         d = {}
         for name in space.names:
             w = space.anchor[name]
-            r = torch.randn(w.shape, generator=g, dtype=torch.float64)
+            # Drawn on the CPU (the same directions on every device), then moved to the anchor's.
+            r = torch.randn(w.shape, generator=g, dtype=torch.float64).to(w.device)
             if ignore == "biasbn" and w.dim() <= 1:
                 r.zero_()
             elif kind == "filter":  # each filter as long as the anchor's (Li et al. 2018)
@@ -293,7 +296,8 @@ def radius(
         _check_positive_int("directions", directions)
         dirs = _directions(space, directions, kind, ignore, seed)
     else:
-        dirs = [{n: d[n].double() for n in space.names} for d in directions]
+        dirs = [{n: d[n].to(device=space.anchor[n].device, dtype=torch.float64) for n in space.names}
+                for d in directions]
         if not dirs:
             raise ValueError("directions must not be empty")
     for i, d in enumerate(dirs):
@@ -426,7 +430,7 @@ def _grow(model, space: _Space, data: Data, train: Data, tau: float, *, k, steps
     for i in range(1, k + 1):
         centroid = {n: sum(v[n] for v in vertices) / len(vertices) for n in space.names}
         u = {n: (init * torch.randn(space.anchor[n].shape, generator=g, dtype=torch.float64))
-             .to(space.anchor[n].dtype).requires_grad_() for n in space.names}
+             .to(device=space.anchor[n].device, dtype=space.anchor[n].dtype).requires_grad_() for n in space.names}
         opt = torch.optim.Adam(list(u.values()), lr=lr)
         flat = [_flat_units(space, v) for v in vertices]
         origin = flat[0]
@@ -439,7 +443,8 @@ def _grow(model, space: _Space, data: Data, train: Data, tau: float, *, k, steps
             stacked = {n: torch.cat([frozen[n], new[n][None]]) if n in new
                        else torch.cat([frozen[n], frozen[n][:1]]) for n in frozen}
             idx = torch.randperm(len(x), generator=g)[:batch_size]
-            w = P.simplex_weights(points, i + 1, generator=g).to(frozen[space.names[0]].dtype)
+            ref = frozen[space.names[0]]
+            w = P.simplex_weights(points, i + 1, generator=g).to(device=ref.device, dtype=ref.dtype)
             losses = point_losses(model, stacked, w, (x[idx], y[idx]), loss=loss, bn=bn)
             mean_loss = losses.mean()
             log_h = _log_height(space, basis, new, origin)
@@ -618,11 +623,7 @@ def _train_copy(model: nn.Module, train: Data, *, epochs: int, lr: float, batch_
         perm = torch.randperm(len(x), generator=g)
         for i in range(0, len(x), batch_size):
             idx = perm[i:i + batch_size]
-            out = m(x[idx])
-            if loss == "mse":
-                value = F.mse_loss(out.reshape(len(idx), -1), y[idx].reshape(len(idx), -1).to(out.dtype))
-            else:
-                value = F.cross_entropy(out.reshape(-1, out.shape[-1]), y[idx].reshape(-1))
+            value = mean_loss(m(x[idx]), y[idx], loss)
             opt.zero_grad()
             value.backward()
             opt.step()

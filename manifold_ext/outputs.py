@@ -27,3 +27,18 @@ def logits(output) -> Tensor:
     raise TypeError(f"expected the model to return logits: a tensor, an object with a .logits "
                     f"tensor (a Hugging Face ModelOutput) or a tuple starting with one, got "
                     f"{type(output).__name__}")
+
+
+def mean_loss(output, y: Tensor, loss: str = "cross_entropy", ignore_index: int = -100) -> Tensor:
+    """The differentiable mean training loss of a model's output against targets ``y``, as the
+    engine defines each ``loss``: ``"cross_entropy"`` (class indices), ``"mse"`` (mean over all
+    elements) or ``"lm"`` (position t predicts ``y[:, t + 1]``; targets equal to
+    ``ignore_index`` do not count)."""
+    import torch.nn.functional as F
+
+    out = logits(output)
+    if loss == "mse":
+        return F.mse_loss(out.reshape(len(y), -1), y.reshape(len(y), -1).to(out.dtype))
+    if loss == "lm":
+        out, y = out[:, :-1], y[:, 1:]
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), ignore_index=ignore_index)

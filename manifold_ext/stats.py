@@ -122,3 +122,42 @@ def rank_correlation(
 
     return Correlation(metric=metric, spearman=rho, spearman_ci=interval(boots[:, 0]), kendall=tau,
                        kendall_ci=interval(boots[:, 1]), n=int(len(x)), level=level)
+
+
+def gain_signal(gains: Sequence[Sequence[float]]) -> dict:
+    """Whether the candidates' gains differ beyond the seed spread.
+
+    Args:
+        gains: ``gains[s][c]``, the gain of candidate ``c`` at seed ``s`` (every seed has every
+            candidate).
+
+    Returns:
+        A dict of plain floats (None where undefined):
+
+        * ``friedman_p``: the p-value of Friedman's test with the seeds as blocks and the
+          candidates as treatments (the chi-square approximation; needs at least 2 seeds and 3
+          candidates). Seeds shift every candidate's gain together; ranking within each seed
+          removes that shift. When every seed ties every candidate, there is no difference to
+          detect and the p-value is 1.
+        * ``friedman_min_p``: the smallest p-value the test can reach with this many seeds and
+          candidates (every seed ranking the candidates alike); above 0.05, no ranking can be
+          significant whatever the gains.
+        * ``candidate_spread``: max minus min of the candidates' mean gains.
+        * ``seed_spread``: the mean over candidates of the standard deviation of the gain across
+          seeds (needs at least 2 seeds).
+    """
+    g = np.asarray(gains, dtype=np.float64)
+    if g.ndim != 2 or g.size == 0:
+        raise ValueError(f"gains must be a non-empty (seeds, candidates) table, got shape {g.shape}")
+    n, k = g.shape
+    means = g.mean(0)
+    out = {"friedman_p": None, "friedman_min_p": None,
+           "candidate_spread": float(means.max() - means.min()),
+           "seed_spread": float(g.std(0, ddof=1).mean()) if n >= 2 else None}
+    if n >= 2 and k >= 3:
+        with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+            warnings.simplefilter("ignore")
+            p = float(_st.friedmanchisquare(*g.T).pvalue)
+        out["friedman_p"] = 1.0 if math.isnan(p) else p
+        out["friedman_min_p"] = float(_st.chi2.sf(n * (k - 1), k - 1))
+    return out

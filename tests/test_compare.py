@@ -80,7 +80,7 @@ def test_results_gains_and_tables(tiny_run):
     assert saved["ranking"] == json.loads(json.dumps(result.ranking))
     bench = _tiny_bench()
     for seed in range(2):
-        base = torch.load(out / "bases" / f"seed{seed}.pt", weights_only=False)
+        base = C.load_base(bench, out, seed)
         base_acc = C.accuracy(base, bench.task.x_test, bench.task.y_test)
         assert result.bases[seed]["test_accuracy"] == base_acc
         assert result.bases[seed]["threshold"] == pytest.approx(
@@ -104,7 +104,7 @@ def test_results_gains_and_tables(tiny_run):
 def test_a_unit_is_reproducible(tiny_run):
     out, result = tiny_run
     bench = _tiny_bench()
-    base = torch.load(out / "bases" / "seed1.pt", weights_only=False)
+    base = C.load_base(bench, out, 1)
     unit = C.run_unit(base, bench.candidates[1], bench.task, C.Settings(**TINY), 1,
                       result.bases[1]["threshold"])
     saved = json.loads((out / "units" / "seed1" / "wide.json").read_text())

@@ -78,10 +78,11 @@ def test_not_distributed_is_a_no_op():
 def test_probe_on_two_processes_equals_one(tmp_path):
     for i in range(2):
         torch.manual_seed(i)
-        torch.save(models.mlp((64, 32, 10)), tmp_path / f"m{i}.pt")
+        torch.save(models.mlp((64, 32, 10)).state_dict(), tmp_path / f"m{i}.pt")
     a, b = str(tmp_path / "m0.pt"), str(tmp_path / "m1.pt")
-    one = _single("probe", "barrier", a, b, "--out", str(tmp_path / "one"), "--no-plot", "--quiet")
-    two = _torchrun(2, "probe", "barrier", a, b, "--out", str(tmp_path / "two"), "--no-plot", "--quiet")
+    spec = ["--model", "mlp:64-32-10"]
+    one = _single("probe", "barrier", a, b, *spec, "--out", str(tmp_path / "one"), "--no-plot", "--quiet")
+    two = _torchrun(2, "probe", "barrier", a, b, *spec, "--out", str(tmp_path / "two"), "--no-plot", "--quiet")
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
     r1 = json.loads((tmp_path / "one" / "barrier.json").read_text())
     r2 = json.loads((tmp_path / "two" / "barrier.json").read_text())

@@ -189,3 +189,37 @@ def test_auto_engine_names_the_engine_it_chose():
     loop = engine.evaluate(a, [a, b], LINE, data, loss="lm", engine="loop")
     assert ev.engine in ("fused", "loop")
     torch.testing.assert_close(ev.loss, loop.loss, rtol=1e-5, atol=0)
+
+
+def test_estimators_run_on_a_language_model():
+    from manifold_ext import manifold as M
+
+    a = _make("gpt2", 0)
+    data, _ = _data("gpt2")
+    tau = engine.evaluate(a, [a], torch.ones(1, 1), data, loss="lm").loss.item() * 1.5
+    radius = M.radius(a, data, tau=tau, loss="lm", directions=2, grid=(1e-2, 10.0, 6), bisect=3, quiet=True)
+    minima = M.minima(a, data, tau=tau, loss="lm", m=2, samples=8, quiet=True)
+    assert -5 < radius.size < 5 and radius.n_evaluations > 0
+    assert minima.size == minima.size  # finite or -inf, never NaN
+    assert minima.n_evaluations > 0 and minima.anchor_loss == pytest.approx(tau / 1.5, rel=1e-5)
+
+
+def test_baselines_on_a_language_model_and_a_resnet():
+    from manifold_ext import baselines as BL
+
+    a = _make("gpt2", 0)
+    data, _ = _data("gpt2")
+    rep = BL.compute_baselines(a, data, loss="lm", include=["loss", "accuracy", "grad_norm", "parameters"],
+                               quiet=True)
+    assert rep.values["loss"] == pytest.approx(_direct(a, data, "lm"), rel=1e-5)
+    assert rep.values["parameters"] == sum(p.numel() for p in a.parameters())  # the tie counted once
+    assert rep.values["grad_norm"] > 0
+    with pytest.raises(ValueError, match=r"the baselines take no ignored labels"):
+        BL.compute_baselines(a, (data[0], data[1].masked_fill(data[1] > 50, -100)), loss="lm", quiet=True)
+    with pytest.raises(ValueError, match=r"loss must be 'cross_entropy' or 'lm' for the baselines, got 'mse'"):
+        BL.compute_baselines(a, data, loss="mse", quiet=True)
+    r = _make("resnet18", 0)
+    data, _ = _data("resnet18")
+    rep = BL.compute_baselines(r, data, include=["loss", "snip"], quiet=True)
+    assert rep.values["loss"] == pytest.approx(_direct(r, data, "cross_entropy"), rel=1e-5)
+    assert rep.values["snip"] > 0

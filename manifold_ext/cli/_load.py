@@ -1,5 +1,8 @@
 """What ``probe`` and ``expand`` share: architecture specs (``--model``), checkpoints and data.
 
+Files are read with ``torch.load(weights_only=True)``, which never runs code from the file;
+only checkpoints, and only with ``--allow-pickle``, may be unpickled in full.
+
 Every bad input is a :class:`CommandError` naming the argument, what was expected and what was
 found, so that ``main`` reports it in one line.
 """
@@ -10,12 +13,13 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .. import models
+from .._safe_load import PickledObjectsError, load_tensors, reason
 from ._args import CommandError
 
 # ----------------------------------------------------------------------------- --model
@@ -26,8 +30,9 @@ MODEL_SYNTAX = ("mlp:W0-W1-...-Wn[,act=A][,norm=N], resnet[:W1-W2-...][,blocks=B
 MODEL_HELP = "the architecture of checkpoints that hold a state dict, e.g. mlp:64-32-10 (see 'model specs' below)"
 
 MODEL_EPILOG = f"""\
-model specs (--model SPEC: the architecture of checkpoints that hold a state dict; a checkpoint
-holding a whole model needs none, and must match it when it is given):
+model specs (--model SPEC: the architecture of checkpoints that hold a state dict; a file written
+by 'manifold-ext expand' or a whole model (--allow-pickle) needs none, and must match it when it
+is given):
   mlp:W0-W1-...-Wn[,act=A][,norm=N]
       manifold_ext.models.mlp: W0 inputs, hidden widths, Wn outputs (e.g. mlp:64-32-10);
       act: {', '.join(models.ACTIVATIONS)} (default relu); norm: none (default), batch or layer
@@ -169,23 +174,120 @@ def _is_state_dict(obj) -> bool:
         isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
 
 
-def load_checkpoint(path: Path, model_spec: Optional[str]) -> nn.Module:
-    """The model a checkpoint holds: a whole ``nn.Module``, a dict ``{"model": nn.Module}``
-    (what ``manifold-ext expand`` writes), or a state dict (also under ``"model"`` or
-    ``"state_dict"``) loaded into ``--model``'s architecture. In eval mode, on the CPU."""
+def _is_recipe(obj) -> bool:
+    """What ``manifold-ext expand`` writes: the grown weights and how to rebuild their architecture."""
+    return (isinstance(obj, Mapping) and {"state_dict", "base_model", "specs"} <= set(obj)
+            and _is_state_dict(obj["state_dict"]))
+
+
+ALLOW_PICKLE_HELP = (
+    "also load checkpoints that hold pickled Python objects (a whole nn.Module, as torch.save(model) "
+    "writes). Unpickling runs any code the file carries: use this only for files you trust. Without "
+    "it, checkpoints are loaded with torch.load(weights_only=True), which reads tensors only: a state "
+    "dict (with --model SPEC) or a file written by 'manifold-ext expand'"
+)
+
+CHECKPOINT_HELP = (
+    "a file saved with torch.save holding a state dict (then give --model SPEC) or written by "
+    "'manifold-ext expand'; a whole nn.Module or a dict {'model': nn.Module} needs --allow-pickle"
+)
+
+
+def _read(path: Path, label: str, allow_pickle: bool):
+    try:
+        return load_tensors(path)
+    except PickledObjectsError as err:
+        if not allow_pickle:
+            raise CommandError(
+                f"{label}: holds pickled Python objects, not just tensors (it calls {err.name}, which loading "
+                f"with weights_only=True refuses); unpickling runs any code a file carries: pass --allow-pickle "
+                f"only for a file you trust, or save a state dict (torch.save(model.state_dict(), FILE)) and "
+                f"load it with --model SPEC") from None
+    except Exception as err:  # noqa: BLE001 - any other failure to load is a bad file
+        raise CommandError(f"{label}: torch.load cannot read it ({reason(err)}); "
+                           f"expected a file written by torch.save") from err
+    # --allow-pickle: a full unpickling, which runs whatever code the file carries.
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001
+        raise CommandError(f"{label}: torch.load cannot read it ({reason(err)}); "
+                           f"expected a file written by torch.save") from err
+
+
+def _load_state(model: nn.Module, state: Mapping, label: str, arch: str, path: Path) -> nn.Module:
+    """``model`` (of the architecture ``arch``, in words) with ``state`` loaded strictly, in the
+    state's floating dtype when it has one."""
+    why = compare_states(_state(model), arch, state, str(path))
+    if why:
+        raise CommandError(f"{label} does not match {arch}: {why}")
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    if len(dtypes) == 1:
+        model = model.to(dtypes.pop())
+    model.load_state_dict(state)
+    return model
+
+
+def _rebuild(recipe: Mapping, label: str, path: Path) -> nn.Module:
+    """The grown model a recipe describes: its base architecture grown by its specs (whatever
+    the initialisation: the saved weights replace it)."""
+    from ..builtin import spec_from_dict
+    from ..expand import expand
+
+    spec, raw = recipe["base_model"], recipe["specs"]
+    if not isinstance(spec, str):
+        raise CommandError(f"{label}: its base_model must be a --model spec string, got {_describe(spec)}")
+    try:
+        base = build_model(spec)
+    except CommandError as err:
+        raise CommandError(f"{label}: its base_model is not an architecture ({err})") from None
+    try:
+        specs = [spec_from_dict(d) for d in raw]
+        grown, _ = expand(base, *specs, generator=torch.Generator().manual_seed(0)) if specs else (base, None)
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise CommandError(f"{label}: its specs do not grow its base_model {spec} ({type(err).__name__}: "
+                           f"{(str(err).splitlines() or [''])[0][:200]})") from None
+    arch = f"its recipe ({spec}" + (f" grown by {len(specs)} spec{'s' if len(specs) > 1 else ''})" if specs else ")")
+    return _load_state(grown, recipe["state_dict"], label, arch, path)
+
+
+def read_checkpoint(path: Path, model_spec: Optional[str], *,
+                    allow_pickle: bool = False) -> Tuple[nn.Module, Optional[dict]]:
+    """The model a checkpoint holds, and its recipe when its architecture is known as data.
+
+    Without ``allow_pickle`` the file is loaded with ``torch.load(weights_only=True)``, which
+    never runs code from the file: a state dict (also under ``"model"`` or ``"state_dict"``)
+    loaded into ``model_spec``'s architecture, or a recipe that ``manifold-ext expand`` writes
+    (``{"state_dict", "report", "base_model", "specs"}``: ``base_model`` a ``--model`` spec,
+    ``specs`` the growth specs as dicts, rebuilt with :func:`manifold_ext.expand.expand`). A
+    file that holds other pickled objects is a CommandError naming ``--allow-pickle``; with
+    it, a whole ``nn.Module`` or a dict ``{"model": nn.Module}`` loads too (unpickling runs
+    any code the file carries). A ``model_spec`` given for a module or a recipe must match it.
+
+    Returns ``(model, recipe)``: the model in eval mode on the CPU, and ``{"base_model": spec,
+    "specs": [dict, ...]}`` that rebuilds its architecture, or None when it came from a pickled
+    module (or a recipe without a base_model, loaded into ``model_spec``).
+    """
     label = f"CHECKPOINT {str(path)}"
     if not path.exists():
         raise CommandError(f"{label}: no such file")
     if path.is_dir():
         raise CommandError(f"{label}: is a directory, expected a file written by torch.save")
-    try:
-        # Whole modules are pickled objects, so weights_only=False: load only files you trust.
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any failure to unpickle is a bad file
-        why = (str(err).strip().splitlines() or [""])[0][:200]
-        raise CommandError(f"{label}: torch.load cannot read it ({type(err).__name__}: {why}); "
-                           f"expected a file written by torch.save") from err
-    if isinstance(obj, Mapping) and "model" in obj and not _is_state_dict(obj):
+    obj = _read(path, label, allow_pickle)
+    recipe = None
+    if _is_recipe(obj) and obj["base_model"] is not None:
+        model = _rebuild(obj, label, path)
+        recipe = {"base_model": obj["base_model"], "specs": [dict(d) for d in obj["specs"]]}
+        if model_spec is not None:
+            why = compare_states(_state(build_model(model_spec)), f"--model {model_spec}", _state(model), str(path))
+            if why:
+                raise CommandError(f"{label} does not match --model {model_spec}: {why}")
+        return model.eval(), recipe
+    if _is_recipe(obj):
+        if model_spec is None:
+            raise CommandError(f"{label} holds a grown model's weights without their architecture (its base was "
+                               f"a pickled module): give the grown model's architecture with --model SPEC")
+        obj = obj["state_dict"]
+    elif isinstance(obj, Mapping) and "model" in obj and not _is_state_dict(obj):
         obj = obj["model"]
     elif isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
@@ -195,27 +297,29 @@ def load_checkpoint(path: Path, model_spec: Optional[str]) -> nn.Module:
             why = compare_states(_state(build_model(model_spec)), f"--model {model_spec}", _state(model), str(path))
             if why:
                 raise CommandError(f"{label} does not match --model {model_spec}: {why}")
-        return model.eval()
+        return model.eval(), None
     if not _is_state_dict(obj):
-        raise CommandError(f"{label}: expected an nn.Module, a dict {{'model': nn.Module}} or a state dict "
-                           f"(a dict of tensors), got {_describe(obj)}")
+        raise CommandError(f"{label}: expected a state dict (a dict of tensors), a file written by 'manifold-ext "
+                           f"expand', or with --allow-pickle an nn.Module or a dict {{'model': nn.Module}}, "
+                           f"got {_describe(obj)}")
     if model_spec is None:
         raise CommandError(f"{label} holds a state dict, which has no architecture: give it with --model "
                            f"(e.g. --model mlp:64-32-10; see --help)")
-    model = build_model(model_spec)
-    why = compare_states(_state(model), f"--model {model_spec}", obj, str(path))
-    if why:
-        raise CommandError(f"{label} does not match --model {model_spec}: {why}")
-    dtypes = {t.dtype for t in obj.values() if t.is_floating_point()}
-    if len(dtypes) == 1:
-        model = model.to(dtypes.pop())
-    model.load_state_dict(obj)
-    return model.eval()
+    model = _load_state(build_model(model_spec), obj, label, f"--model {model_spec}", path)
+    return model.eval(), {"base_model": model_spec, "specs": []}
 
 
-def load_checkpoints(paths: List[Path], model_spec: Optional[str]) -> List[nn.Module]:
+def load_checkpoint(path: Path, model_spec: Optional[str], allow_pickle: bool = False) -> nn.Module:
+    """The model a checkpoint holds (see :func:`read_checkpoint`), in eval mode, on the CPU.
+
+    Loaded with ``torch.load(weights_only=True)`` unless ``allow_pickle`` (only for files you
+    trust: unpickling runs any code the file carries)."""
+    return read_checkpoint(path, model_spec, allow_pickle=allow_pickle)[0]
+
+
+def load_checkpoints(paths: List[Path], model_spec: Optional[str], allow_pickle: bool = False) -> List[nn.Module]:
     """Every checkpoint's model; all of one architecture (else a CommandError naming the files)."""
-    out = [load_checkpoint(p, model_spec) for p in paths]
+    out = [load_checkpoint(p, model_spec, allow_pickle) for p in paths]
     ref = _state(out[0])
     for p, m in zip(paths[1:], out[1:]):
         st = _state(m)
@@ -235,7 +339,8 @@ def load_checkpoints(paths: List[Path], model_spec: Optional[str]) -> List[nn.Mo
 DATA_HELP = (
     "'digits' (the built-in digits test split, 719 examples of 64 features; "
     "reshaped to (N, 1, 8, 8) for convolutional models), FILE.npz with arrays X and y, or FILE.pt "
-    "holding a dict with tensors X and y or a tuple (X, y); y holds integer class labels"
+    "holding torch tensors as a dict with X and y or a tuple (X, y) (read with weights_only=True: "
+    "never unpickled, so no numpy arrays); y holds integer class labels"
 )
 
 
@@ -298,10 +403,15 @@ def read_arrays(path: Path):
         return found["X"], found["y"]
     if path.suffix in (".pt", ".pth"):
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
+            obj = load_tensors(path)  # weights_only=True, whatever the checkpoints' --allow-pickle
+        except PickledObjectsError as err:
+            raise CommandError(
+                f"--data {label}: holds pickled Python objects, not just tensors (it calls {err.name}, which "
+                f"loading with weights_only=True refuses); a .pt data file is never unpickled: save torch "
+                f"tensors as a dict {{'X': X, 'y': y}} or a tuple (X, y) (numpy arrays: torch.from_numpy "
+                f"them, or save FILE.npz)") from None
         except Exception as err:  # noqa: BLE001
-            raise CommandError(f"--data {label}: torch.load cannot read it ({type(err).__name__}: "
-                               f"{(str(err).splitlines() or [''])[0][:200]})") from err
+            raise CommandError(f"--data {label}: torch.load cannot read it ({reason(err)})") from err
         if isinstance(obj, Mapping) and "X" in obj and "y" in obj:
             return obj["X"], obj["y"]
         if isinstance(obj, (tuple, list)) and len(obj) == 2:
@@ -315,7 +425,7 @@ def read_arrays(path: Path):
 def load_data(source: str, model: nn.Module, *, check_rows: int = 256) -> Data:
     """The data ``source`` names, checked against ``model``: as many labels as inputs, inputs of
     the shape and type the model takes (tried on the first ``check_rows``), labels within its
-    outputs."""
+    outputs; on the model's device."""
     layer = first_layer(model)
     if source == "digits":
         from ..data import load_digits
@@ -352,6 +462,8 @@ def load_data(source: str, model: nn.Module, *, check_rows: int = 256) -> Data:
     else:
         param = next((p for p in model.parameters() if p.is_floating_point()), None)
         x = x.to(param.dtype if param is not None else torch.get_default_dtype())
+    device = next((t.device for t in model.parameters()), torch.device("cpu"))
+    x, y = x.to(device), y.to(device)
     was_training = model.training
     model.eval()
     try:

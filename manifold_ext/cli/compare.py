@@ -5,19 +5,28 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
+import importlib
 import math
+import os
+import re
 import sys
+import textwrap
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
 
 import torch
+from torch import nn
 
 from .. import compare as C
 from .. import distributed as D
-from ..builtin import Benchmark, Candidate, Task, benchmark
-from ._args import CommandError, have_matplotlib, int_at_least
-from ._load import as_tensor, read_arrays
+from ..builtin import Benchmark, Candidate, Task, benchmark, task_from_arrays
+from ._args import CommandError, add_device_argument, have_matplotlib, int_at_least, resolve_device
+from ._load import _load_state as load_state
+from ._load import _read as read_file
+from ._load import as_tensor, expected_input, first_layer, load_checkpoint, read_arrays
 
 
 def add_parser(sub, common) -> None:
@@ -25,10 +34,24 @@ def add_parser(sub, common) -> None:
     p = sub.add_parser(
         "compare", parents=[common],
         help="rank candidate expansions of a base model; correlate every metric with the gains",
-        description="Pre-train a small base model, grow it into candidate expansions, adapt each "
-        "briefly, measure its manifold size (three estimators) and 12 baseline metrics, fine-tune "
-        "it for a fixed budget, and correlate every metric with the gains over several seeds. "
-        "With no arguments: the MLP on the built-in digits data, 20 candidates, 3 seeds.",
+        description=textwrap.fill(
+            "Pre-train a small base model, grow it into candidate expansions, adapt each "
+            "briefly, measure its manifold size (three estimators) and 12 baseline metrics, fine-tune "
+            "it for a fixed budget, and correlate every metric with the gains over several seeds. "
+            "With no arguments: the MLP on the built-in digits data, 20 candidates, 3 seeds. "
+            "With --base: your own trained network is the base (not retrained), grown by the "
+            "candidates of --config.", 88),
+        epilog="your own base (--base):\n"
+        "  manifold-ext compare --base model.pt --arch mlp:64-32-10 --config cands.toml\n"
+        "  manifold-ext compare --base model.pt --arch mypackage.models:build --config cands.toml --data d.npz\n"
+        "  manifold-ext compare --base hf_dir/ --config cands.toml --data tokens.npz\n"
+        "cands.toml lists [[candidates]] whose specs name the base's module paths, e.g.\n"
+        "  [[candidates]]\n"
+        "  name = \"wide\"\n"
+        "  specs = [{type = \"widen\", target = \"2\", factor = 2, init = \"net2net\"}]\n"
+        "Everything is checked before any training: the data fit the base, the labels lie within its\n"
+        "outputs, and every candidate grows from it.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", choices=("mlp", "cnn", "transformer"), default=None,
                    help="the built-in base model (default: mlp; transformer with --task modular)")
@@ -36,7 +59,31 @@ def add_parser(sub, common) -> None:
                    help="built-in data: digits (default) or modular addition (a + b) mod 23")
     p.add_argument("--data", type=Path, default=None,
                    help="your own data: FILE.npz with arrays X and y, or FILE.pt with a dict "
-                   "{'X': tensor, 'y': tensor} or a tuple (X, y); split 60/40 into train and test")
+                   "{'X': tensor, 'y': tensor} or a tuple (X, y) of torch tensors (read with "
+                   "weights_only=True: never unpickled); split 60/40 into train and test (seeded). "
+                   "Float features are standardised (see --standardize); integer token ids (for a "
+                   "transformer, or a base whose first layer is an embedding) are kept as they are")
+    p.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=None,
+                   help="standardise --data's float features: subtract each feature's mean and divide "
+                   "by its standard deviation, both from the training split only (a constant feature is "
+                   "only centred). Default: on, except with --base (a trained base takes the data as "
+                   "it was trained on them)")
+    p.add_argument("--base", type=Path, default=None, metavar="PATH",
+                   help="your own trained base, grown as it is (not retrained): a FILE written by "
+                   "torch.save holding a state dict (give its architecture with --arch), or a "
+                   "Hugging Face model directory written by save_pretrained (config.json and "
+                   "safetensors weights; needs transformers). Needs --config with [[candidates]] "
+                   "naming its module paths; the data: --data, or the built-in digits")
+    p.add_argument("--arch", default=None, metavar="SPEC",
+                   help="with --base FILE: the architecture its state dict fits: a model spec "
+                   "(mlp:W0-W1-...-Wn[,act=A][,norm=N], resnet[:W1-W2-...][,...] or "
+                   "transformer:vocab=V,..., as --model of probe and expand take) or "
+                   "package.module:factory, a callable (importable from the current directory or "
+                   "sys.path) that takes no arguments and returns the untrained nn.Module")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="with --base FILE: also load a file holding pickled Python objects (a whole "
+                   "nn.Module, as torch.save(model) writes); unpickling runs any code the file "
+                   "carries: only for files you trust")
     p.add_argument("--config", type=Path, default=None,
                    help="a TOML file: any setting (see manifold_ext.compare.Settings) at the top "
                    "level, and [[candidates]] tables with name and specs, e.g. "
@@ -50,6 +97,7 @@ def add_parser(sub, common) -> None:
                    help="continue the run in --out: finished candidates are not recomputed")
     p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=None,
                    help="write the PNG figures (default: on when matplotlib is installed)")
+    add_device_argument(p)
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(run=run)
 
@@ -73,53 +121,264 @@ def _load_data(path: Path) -> tuple:
     return as_tensor(X, "X", str(path)), as_tensor(y, "y", str(path))
 
 
-def _user_task(X: torch.Tensor, y: torch.Tensor, model: str) -> Task:
-    if X.dim() < 2 or len(X) != len(y) or y.dim() != 1:
-        raise CommandError(f"--data: expected X of shape (N, ...) and y of shape (N,), got X "
-                           f"{tuple(X.shape)} and y {tuple(y.shape)}")
-    if y.is_floating_point() or y.min() < 0:
-        raise CommandError("--data: y must hold class indices (non-negative integers)")
+def _user_task(X: torch.Tensor, y: torch.Tensor, model: str, standardize: bool) -> Task:
+    """--data for a built-in model: token ids for the transformer, float features otherwise."""
     want = {"mlp": 2, "cnn": 4, "transformer": 2}[model]
-    if X.dim() != want:
+    if X.dim() >= 2 and X.dim() != want:
         raise CommandError(f"--data: the {model} takes X of {want} dimensions "
                            f"({'(N, features)' if model == 'mlp' else '(N, channels, H, W)' if model == 'cnn' else '(N, tokens)'}), "
                            f"got {tuple(X.shape)}")
-    if len(X) < 10:
-        raise CommandError(f"--data: expected at least 10 examples, got {len(X)}")
-    X = X.long() if model == "transformer" else X.float()
-    perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))
-    n_test = math.ceil(0.4 * len(X))
-    te, tr = perm[:n_test], perm[n_test:]
-    return Task("custom", X[tr], y[tr].long(), X[te], y[te].long())
+    if model == "transformer" and X.is_floating_point():
+        X = X.long()  # the built-in transformer takes ids however they were stored
+    return _task(X, y, tokens=model == "transformer", standardize=standardize)
+
+
+def _task(X: torch.Tensor, y: torch.Tensor, *, tokens: bool, standardize: bool) -> Task:
+    name = "custom, standardised" if standardize and not tokens else "custom"
+    try:
+        return task_from_arrays(X, y, name=name, standardize=standardize, tokens=tokens)
+    except ValueError as err:
+        raise CommandError(f"--data: {err}") from None
+
+
+def _candidates(raw) -> list:
+    if not isinstance(raw, list) or not raw:
+        raise CommandError("--config: candidates must be a non-empty array of tables")
+    try:
+        out = [Candidate.from_dict(c) for c in raw]
+    except KeyError as err:
+        raise CommandError(f"--config: every candidate needs a {err.args[0]!r}") from None
+    if not any(c.name == "control" for c in out):
+        out.insert(0, Candidate("control"))
+    return out
 
 
 def _setup(args) -> tuple:
+    """``(bench, settings, base)``: ``base`` is the model of --base, else None."""
+    if args.base is None:
+        for flag, value in (("--arch", args.arch), ("--allow-pickle", args.allow_pickle or None)):
+            if value is not None:
+                raise CommandError(f"{flag}: only used with --base (the architecture or loading of your own base)")
+    elif args.model is not None:
+        raise CommandError("--model chooses a built-in base; with --base, give the base's architecture with --arch")
     cfg = _load_config(args.config) if args.config else {}
     model = args.model or cfg.pop("model", None) or ("transformer" if args.task == "modular" else "mlp")
     task = args.task or cfg.pop("task", None) or ("modular" if model == "transformer" else "digits")
     cfg.pop("model", None)
     cfg.pop("task", None)
     candidates = cfg.pop("candidates", None)
-    bench = benchmark(model, task)
-    if args.data is not None:
-        bench = _with_data(bench, _user_task(*_load_data(args.data), model))
-    if candidates is not None:
-        if not isinstance(candidates, list) or not candidates:
-            raise CommandError("--config: candidates must be a non-empty array of tables")
-        try:
-            bench.candidates = [Candidate.from_dict(c) for c in candidates]
-        except KeyError as err:
-            raise CommandError(f"--config: every candidate needs a {err.args[0]!r}") from None
-        if not any(c.name == "control" for c in bench.candidates):
-            bench.candidates.insert(0, Candidate("control"))
+    standardize = args.standardize if args.standardize is not None else args.base is None
+    base = None
+    if args.base is not None:
+        candidates = _candidates(candidates) if candidates is not None else None
+        if candidates is None or not any(c.specs for c in candidates):
+            example = ("their specs naming the base's module paths (e.g. specs = [{type = 'widen', target = '2', "
+                       "factor = 2}]): the built-in candidates target the built-in architectures")
+            if args.config is None:
+                raise CommandError(f"--base needs --config FILE listing [[candidates]], {example}")
+            raise CommandError(f"--config {args.config} lists no [[candidates]] expansion; with --base they are "
+                               f"required, {example}")
+        base = _load_base(args.base, args.arch, args.allow_pickle)
+        data = _base_task(args, base, standardize)
+        bench = Benchmark(_safe_name(args.base), data, None, candidates)
+        _check_base(args, base, bench)
+    else:
+        bench = benchmark(model, task)
+        if args.data is not None:
+            bench = _with_data(bench, _user_task(*_load_data(args.data), model, standardize))
+        if candidates is not None:
+            bench.candidates = _candidates(candidates)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                reference = bench.make_base()
+            try:
+                C.check_candidates(reference, bench.candidates, bench.task)
+            except ValueError as err:
+                raise CommandError(f"--config {args.config}: {err}") from None
     settings = dict(C.QUICK) if args.quick else {}
     settings.update(cfg)
     if args.seeds is not None:
         settings["seeds"] = args.seeds
     try:
-        return bench, C.Settings.from_dict(settings)
+        return bench, C.Settings.from_dict(settings), base
     except ValueError as err:
         raise CommandError(f"{'--config: ' if args.config else ''}{err}") from None
+
+
+# ----------------------------------------------------------------------------- --base
+
+
+_FAMILIES = ("mlp", "resnet", "transformer")
+_FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+
+
+def _safe_name(path: Path) -> str:
+    stem = path.stem if path.is_file() else path.name
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem) or "base"
+
+
+def _one_line(err: BaseException) -> str:
+    line = next((t.strip() for t in str(err).splitlines() if t.strip()), "")
+    return f"{type(err).__name__}: {line[:200]}"
+
+
+def _as_base_error(err: CommandError, path: Path) -> CommandError:
+    """A checkpoint error in compare's words: the file is --base, its architecture --arch."""
+    text = str(err).replace(f"CHECKPOINT {path}", f"--base {path}").replace("--model", "--arch")
+    return CommandError(text)
+
+
+def _factory_model(spec: str) -> nn.Module:
+    """The untrained architecture ``package.module:factory`` returns (the global RNG untouched)."""
+    module_name, _, attr = spec.partition(":")
+    added = os.getcwd() not in sys.path
+    if added:  # as `python -m` does: modules in the current directory are importable
+        sys.path.insert(0, os.getcwd())
+    try:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name and (module_name == err.name or module_name.startswith(err.name + ".")):
+                raise CommandError(f"--arch {spec!r}: no module named {err.name!r} (it must be importable: "
+                                   f"from the current directory or sys.path)") from None
+            raise CommandError(f"--arch {spec!r}: importing {module_name!r} failed ({_one_line(err)})") from None
+        except Exception as err:  # noqa: BLE001 - whatever the user's module raises
+            raise CommandError(f"--arch {spec!r}: importing {module_name!r} failed ({_one_line(err)})") from None
+        factory = module
+        for part in attr.split("."):
+            if not hasattr(factory, part):
+                raise CommandError(f"--arch {spec!r}: module {module_name!r} has no attribute {attr!r}")
+            factory = getattr(factory, part)
+        if not callable(factory):
+            raise CommandError(f"--arch {spec!r}: {attr} is a {type(factory).__name__}, not a callable that "
+                               f"returns the architecture")
+        try:
+            with torch.random.fork_rng(devices=[]):
+                model = factory()
+        except Exception as err:  # noqa: BLE001
+            raise CommandError(f"--arch {spec!r}: calling {attr}() failed ({_one_line(err)}); the factory must "
+                               f"take no arguments and return the untrained architecture") from None
+    finally:
+        if added and os.getcwd() in sys.path:
+            sys.path.remove(os.getcwd())
+    if not isinstance(model, nn.Module):
+        raise CommandError(f"--arch {spec!r}: {attr}() returned a {type(model).__name__}, expected an nn.Module "
+                           f"(the untrained architecture)")
+    return model
+
+
+def _load_base_file(path: Path, arch: Optional[str], allow_pickle: bool) -> nn.Module:
+    family = (arch or "").partition(":")[0]
+    if arch is None or family in _FAMILIES or not _FACTORY.fullmatch(arch):
+        try:
+            return load_checkpoint(path, arch, allow_pickle=allow_pickle)
+        except CommandError as err:
+            raise _as_base_error(err, path) from None
+    label = f"--base {path}"
+    if path.is_dir():
+        raise CommandError(f"{label}: is a directory without config.json; expected a file written by torch.save "
+                           f"or a Hugging Face model directory")
+    model = _factory_model(arch)
+    obj = read_file(path, label, allow_pickle)
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    elif isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    elif isinstance(obj, Mapping) and isinstance(obj.get("model"), (Mapping, nn.Module)):
+        obj = obj["model"].state_dict() if isinstance(obj["model"], nn.Module) else obj["model"]
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CommandError(f"{label}: expected a state dict (a dict of tensors), got a {type(obj).__name__}")
+    return load_state(model, obj, label, f"--arch {arch}", path).eval()
+
+
+def _load_pretrained(path: Path, arch: Optional[str]) -> nn.Module:
+    """A Hugging Face model directory: its class from config.json, safetensors weights only."""
+    label = f"--base {path}"
+    if arch is not None:
+        raise CommandError(f"--arch: not used with a Hugging Face directory ({path} names its architecture "
+                           f"in config.json); drop --arch")
+    try:
+        import transformers
+    except ImportError:
+        raise CommandError(f"{label}: a Hugging Face model directory needs transformers: "
+                           f"pip install transformers") from None
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - an unreadable or unknown config
+        raise CommandError(f"{label}: transformers cannot read its config.json ({_one_line(err)})") from None
+    names = list(getattr(config, "architectures", None) or [])
+    if not names:
+        raise CommandError(f"{label}: its config.json names no architectures (save_pretrained records the "
+                           f"model's class there)")
+    cls = getattr(transformers, names[0], None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise CommandError(f"{label}: its config.json names the architecture {names[0]!r}, which transformers "
+                           f"{transformers.__version__} does not have")
+    if not any((path / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+        raise CommandError(f"{label}: no model.safetensors: only safetensors weights are loaded (they carry no "
+                           f"code); save the model with save_pretrained(DIR) (safetensors by default)")
+    try:
+        model = cls.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
+    except Exception as err:  # noqa: BLE001
+        raise CommandError(f"{label}: {names[0]}.from_pretrained failed ({_one_line(err)})") from None
+    return model.eval()
+
+
+def _load_base(path: Path, arch: Optional[str], allow_pickle: bool) -> nn.Module:
+    """The model of --base PATH (see --help), in eval mode on the CPU."""
+    if not path.exists():
+        raise CommandError(f"--base {path}: no such file or directory")
+    if path.is_dir() and (path / "config.json").is_file():
+        return _load_pretrained(path, arch)
+    return _load_base_file(path, arch, allow_pickle)
+
+
+def _base_task(args, base: nn.Module, standardize: bool) -> Task:
+    """The data for a given base: --data (token ids when its first layer is an embedding, else
+    features in its dtype), or the built-in data of --task (digits: as images for a
+    convolutional base)."""
+    layer = first_layer(base)
+    tokens = isinstance(layer, nn.Embedding)
+    if args.data is not None:
+        X, y = _load_data(args.data)
+        if tokens and X.is_floating_point():
+            raise CommandError(f"--data {args.data}: the base takes {expected_input(base)}, got X of dtype {X.dtype}")
+        task = _task(X, y, tokens=tokens, standardize=standardize)
+    elif tokens and args.task is None:
+        raise CommandError(f"--data: required: the base takes {expected_input(base)}, not the built-in digits")
+    elif (args.task or "digits") == "modular":
+        from ..builtin import modular
+
+        task = modular()
+    else:
+        from ..builtin import digits
+
+        task = digits(image=isinstance(layer, (nn.Conv2d,)))
+    if not tokens:
+        dtype = next((p.dtype for p in base.parameters() if p.is_floating_point()), None)
+        if dtype is not None and task.x_train.is_floating_point() and task.x_train.dtype != dtype:
+            task = Task(task.name, task.x_train.to(dtype), task.y_train, task.x_test.to(dtype), task.y_test)
+    return task
+
+
+def _check_base(args, base: nn.Module, bench: Benchmark) -> None:
+    """Before any training: the data fit the base and every candidate grows from it."""
+    if args.data is not None:
+        source = f"--data {args.data}"
+    elif args.task is not None:
+        source = f"--task {args.task}"
+    else:
+        source = "--data: not given, and the built-in digits"
+    try:
+        C.check_data(base, bench.task)
+    except ValueError as err:
+        takes = f"; the base takes {expected_input(base)}" if str(err).startswith("the data do not fit") else ""
+        tail = "" if args.data is not None or args.task is not None else "; give the base's data with --data FILE"
+        raise CommandError(f"{source}: {err}{takes}{tail}") from None
+    try:
+        C.check_candidates(base, bench.candidates, bench.task)
+    except ValueError as err:
+        raise CommandError(f"--config {args.config}: {err}") from None
 
 
 def _with_data(bench: Benchmark, task: Task) -> Benchmark:
@@ -187,30 +446,46 @@ def _tables(result: C.CompareResult, say) -> None:
         "order: share of same-size candidate pairs put in the order of their gains)")
 
 
+def _base_summary(result: C.CompareResult, say) -> None:
+    """The base's test accuracy, chance level and test loss, then every warning."""
+    bases = result.bases
+    acc = sum(b["test_accuracy"] for b in bases) / len(bases)
+    loss = sum(b["test_loss"] for b in bases) / len(bases)
+    mean = f" (mean over {len(bases)} seeds)" if len({b["test_accuracy"] for b in bases}) > 1 else ""
+    say(f"\nbase{mean}: test accuracy {100 * acc:.1f}% (chance {100 * bases[0]['chance_accuracy']:.1f}%), "
+        f"test loss {loss:.3g}")
+    for w in result.warnings:
+        say(f"warning: {w}")
+
+
 def run(args: argparse.Namespace) -> int:
     say = (lambda *a: None) if args.quiet or not D.is_main() else print
     if args.plot is None:
         args.plot = have_matplotlib()
     elif args.plot and not have_matplotlib():
         raise CommandError("--plot needs matplotlib (pip install matplotlib), or pass --no-plot")
-    bench, settings = _setup(args)
+    device = resolve_device(args.device)
+    bench, settings, given = _setup(args)
     if args.resume and args.out is None:
         raise CommandError("--resume needs --out: the directory of the run to continue")
     if args.out is not None and args.resume and not (args.out / "config.json").exists():
         raise CommandError(f"--resume: {str(args.out)!r} holds no compare run (no config.json)")
     # Under torchrun, rank 0 names the fresh directory for every rank.
     out = args.out or D.broadcast(Path("results") / f"compare-{bench.model}-{time.strftime('%Y%m%d-%H%M%S')}")
-    say(f"manifold-ext compare: {bench.model} on {bench.task.name}, {len(bench.candidates)} candidates, "
+    what = f"base {args.base}" if given is not None else bench.model
+    say(f"manifold-ext compare: {what} on {bench.task.name}, {len(bench.candidates)} candidates, "
         f"{settings.seeds} seeds -> {out}")
-    result = C.compare(bench, settings, out, resume=args.resume, quiet=args.quiet)
+    result = C.compare(bench, settings, out, base=given, resume=args.resume, quiet=args.quiet, device=device)
     if not D.is_main():
         return 0
+    _base_summary(result, say)
     _write_csv(result, out / "results.csv")
     written = ["results.json", "results.csv"]
     if args.plot:
         from .. import compare_plots
 
-        base = torch.load(out / "bases" / "seed0.pt", weights_only=False)
+        base = C.load_base(bench, out, 0, base=given, device=device)
+        bench = dataclasses.replace(bench, task=bench.task.to(device))
         with D.local():  # rank 0 alone draws: its probes must not wait for the other ranks
             written += [p.name for p in compare_plots.all_figures(bench, settings, result, base, out)]
     _tables(result, say)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .. import build_info, interp_linear, interp_linear_cross_entropy
 from ..data import Digits, load_digits
-from ._args import CommandError, have_matplotlib, int_at_least
+from ._args import CommandError, add_device_argument, have_matplotlib, int_at_least, resolve_device
 
 # Full-batch Adam at this rate reaches ~96% test accuracy on digits in 30 steps and >80% in 5,
 # so the demo stays a few seconds long and the tests can train with --epochs 5.
@@ -47,6 +47,7 @@ def add_parser(sub, common) -> None:
                       help="seeds the data split and the two models (seed, seed+1) (default: 0)")
     demo.add_argument("--out", type=Path, default=Path("results/demo"),
                       help="output directory for line.json, line.csv, line.png (default: results/demo)")
+    add_device_argument(demo)
     demo.add_argument("--plot", action=argparse.BooleanOptionalAction, default=None,
                       help="write line.png (default: on when matplotlib is installed)")
     demo.add_argument("--quiet", action="store_true", help="print nothing but errors")
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         args.plot = have_matplotlib()
     elif args.plot and not have_matplotlib():
         raise CommandError("--plot needs matplotlib (pip install matplotlib), or pass --no-plot")
-    return _demo(args)
+    return _demo(args, resolve_device(args.device))
 
 
 # ----------------------------------------------------------------------------- demo
@@ -70,10 +71,11 @@ def _mlp(hidden: int) -> nn.Sequential:
 
 
 def _train(data: Digits, hidden: int, epochs: int, seed: int) -> nn.Sequential:
-    # fork_rng keeps the caller's global RNG untouched (main() is also called from Python).
+    # fork_rng keeps the caller's global RNG untouched (main() is also called from Python); the
+    # model is initialised on the CPU, so it starts the same on every device.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _mlp(hidden)
+        model = _mlp(hidden).to(data.x_train.device)
     opt = torch.optim.Adam(model.parameters(), lr=_LR)
     for _ in range(epochs):
         opt.zero_grad()
@@ -95,7 +97,7 @@ def _fused(vertices: dict[str, Tensor], coeffs: Tensor, x: Tensor, y: Tensor) ->
 def _naive(vertices: dict[str, Tensor], coeffs: Tensor, x: Tensor, y: Tensor, hidden: int,
            progress) -> tuple[Tensor, Tensor]:
     """The same, one interpolated model at a time: the baseline the fused pass replaces."""
-    model = _mlp(hidden).eval()
+    model = _mlp(hidden).to(x.device).eval()
     losses, accs = [], []
     for c in coeffs:
         model.load_state_dict({k: torch.einsum("k,k...->...", c, v) for k, v in vertices.items()})
@@ -106,13 +108,20 @@ def _naive(vertices: dict[str, Tensor], coeffs: Tensor, x: Tensor, y: Tensor, hi
     return torch.stack(losses), torch.stack(accs)
 
 
-def _best_time(fn: Callable[[], object]) -> tuple[float, object]:
+def _best_time(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
     best, result = math.inf, None
     for _ in range(_REPEATS):
+        _sync(device)
         start = time.perf_counter()
         result = fn()
+        _sync(device)  # CUDA kernels run asynchronously: time them to completion
         best = min(best, time.perf_counter() - start)
     return best, result
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _barrier(t: Tensor, loss: Tensor, loss0: float, loss1: float) -> tuple[float, float]:
@@ -127,11 +136,12 @@ def _barrier(t: Tensor, loss: Tensor, loss0: float, loss1: float) -> tuple[float
     return height, where
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _demo(args: argparse.Namespace, device: torch.device) -> int:
     from tqdm import tqdm
 
     say = (lambda *a: None) if args.quiet else print
-    data = load_digits(seed=args.seed)
+    d = load_digits(seed=args.seed)
+    data = Digits(d.x_train.to(device), d.y_train.to(device), d.x_test.to(device), d.y_test.to(device))
     models = [_train(data, args.hidden, args.epochs, args.seed + i) for i in range(2)]
     # K=2 vertices: every parameter stacked along a new leading dimension.
     states = [m.state_dict() for m in models]
@@ -140,22 +150,22 @@ def _demo(args: argparse.Namespace) -> int:
     # The grid need not contain t=0 and t=1, so the endpoints ride along as two extra points.
     t_grid = torch.linspace(_T_MIN, _T_MAX, args.points)
     t_all = torch.cat([t_grid, torch.tensor([0.0, 1.0])])
-    coeffs = torch.stack([1 - t_all, t_all], dim=1)
+    coeffs = torch.stack([1 - t_all, t_all], dim=1).to(device)
     x, y = data.x_test, data.y_test
 
-    fused_s, (loss, acc) = _best_time(lambda: _fused(vertices, coeffs, x, y))
+    fused_s, (loss, acc) = _best_time(lambda: _fused(vertices, coeffs, x, y), device)
     show = not args.quiet and sys.stderr.isatty()
     with tqdm(total=_REPEATS * len(t_all), desc="naive loop", disable=not show, leave=False) as bar:
         naive_s, (naive_loss, naive_acc) = _best_time(
-            lambda: _naive(vertices, coeffs, x, y, args.hidden, bar))
+            lambda: _naive(vertices, coeffs, x, y, args.hidden, bar), device)
 
     diff = (loss - naive_loss).abs().max().item()
     n = args.points
     loss0, loss1 = loss[n].item(), loss[n + 1].item()
     height, where = _barrier(t_grid, loss[:n], loss0, loss1)
     result = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                   if not callable(v)},
+        "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                      if not callable(v)}, "device": str(device)},
         "build_info": build_info(),
         "data": {"train": len(data.y_train), "test": len(y)},
         "points": [

@@ -15,10 +15,12 @@ import torch
 from torch import Tensor, nn
 
 from .. import models
+from ..builtin import spec_to_dict
 from ..expand import DEPTH_INITS, WIDTH_INITS, Deepen, Widen
 from ..expand import expand as grow
-from ._args import CommandError
-from ._load import DATA_HELP, MODEL_EPILOG, MODEL_HELP, expected_input, first_layer, load_checkpoint, load_data
+from ._args import CommandError, add_device_argument, resolve_device
+from ._load import (ALLOW_PICKLE_HELP, CHECKPOINT_HELP, DATA_HELP, MODEL_EPILOG, MODEL_HELP, expected_input,
+                    first_layer, load_data, read_checkpoint)
 
 WIDEN_SYNTAX = "TARGET[:FACTOR|=SIZE][@INIT[+NOISE]]"
 DEEPEN_SYNTAX = "AFTER[:COUNT][@INIT[+NOISE]]"
@@ -44,15 +46,22 @@ the model as the previous specs left it):
       +NOISE   as for --widen
 
 examples:
-  manifold-ext expand base.pt --widen '*:2' --deepen 1 --out grown.pt
-  manifold-ext expand base.pt --model mlp:64-32-10 --widen 0=48@zero --out grown.pt
-  manifold-ext expand resnet.pt --widen 'stages.*.0.conv1:1.5' --deepen stages.1:2@zero --out big.pt
+  manifold-ext expand base.pt --model mlp:64-32-10 --widen '*:2' --deepen 1 --out grown.pt
+  manifold-ext expand grown.pt --widen 0=96@zero --out grown2.pt
+  manifold-ext expand resnet.pt --model resnet --widen 'stages.*.0.conv1:1.5' --deepen stages.1:2@zero --out big.pt
 
-The grown model is saved as torch.save({{"model": grown, "report": report dict}}) in OUT, and
-the ExpansionReport as JSON next to it (OUT with .json). When the expansion claims to preserve
-the function, max |grown(x) - base(x)| (eval mode) must be <= --tolerance on the check inputs
-(the --data inputs, else {_RANDOM_ROWS} random inputs of the model's input shape), otherwise
-nothing is written and the exit status is 1.
+OUT holds data only, loadable with torch.load(weights_only=True): torch.save({{"state_dict":
+grown weights, "report": report dict, "base_model": the base's --model SPEC, "specs": [the
+growth specs as dicts, those CHECKPOINT was grown by first]}}). probe and expand rebuild the
+grown model from it (the base architecture grown by the specs, the weights loaded): no --model
+or --allow-pickle needed. When CHECKPOINT is a pickled module (--allow-pickle), its architecture
+is not known as data: base_model is None, and loading OUT needs the grown model's architecture
+(--model SPEC, or in Python load_state_dict(torch.load(OUT, weights_only=True)["state_dict"])
+into it). The ExpansionReport also goes next to OUT as JSON (OUT with .json).
+
+When the expansion claims to preserve the function, max |grown(x) - base(x)| (eval mode) must
+be <= --tolerance on the check inputs (the --data inputs, else {_RANDOM_ROWS} random inputs of
+the model's input shape), otherwise nothing is written and the exit status is 1.
 """
 
 
@@ -83,13 +92,13 @@ def add_parser(sub, common) -> None:
         description=textwrap.fill(
             "Load CHECKPOINT, grow a copy of it by the --widen/--deepen specs (manifold_ext.expand), "
             "check function preservation numerically where the expansion claims it, save the grown "
-            "model and its ExpansionReport, and print a summary. Checkpoints are unpickled "
-            "(torch.load with weights_only=False): load only files you trust.", 90),
+            "model and its ExpansionReport, and print a summary. Checkpoints are loaded with "
+            "torch.load(weights_only=True), which never runs code from the file; a whole pickled "
+            "nn.Module needs --allow-pickle (only for files you trust).", 90),
         epilog=_EPILOG + "\n" + MODEL_EPILOG,
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", type=Path,
-                   help="a file saved with torch.save holding an nn.Module, a dict {'model': nn.Module} "
-                   "or a state dict (then give --model)")
+                   help=CHECKPOINT_HELP)
     p.add_argument("--widen", dest="specs", action=_AppendSpec, metavar="SPEC",
                    help=f"widen layers: {WIDEN_SYNTAX} (see below); repeatable")
     p.add_argument("--deepen", dest="specs", action=_AppendSpec, metavar="SPEC",
@@ -97,6 +106,8 @@ def add_parser(sub, common) -> None:
     p.add_argument("--out", type=Path, required=True, metavar="FILE.pt",
                    help="where to save the grown model; the report goes to FILE.json")
     p.add_argument("--model", metavar="SPEC", help=MODEL_HELP)
+    p.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
+    add_device_argument(p)
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the random choices of the expansion (net2net copies, fresh weights, noise) "
                    "(default: 0)")
@@ -192,7 +203,7 @@ def _random_inputs(model: nn.Module) -> Optional[Tensor]:
         x = torch.randn(_RANDOM_ROWS, layer.in_channels, 8, 8, generator=g)
     else:
         return None
-    x = x.to(layer.weight.dtype)
+    x = x.to(device=layer.weight.device, dtype=layer.weight.dtype)
     try:
         with torch.no_grad():
             model.eval()(x[:2])
@@ -219,7 +230,9 @@ def run(args: argparse.Namespace) -> int:
     if not ancestor.is_dir():
         raise CommandError(f"--out {args.out}: {ancestor} is a file, expected a directory")
 
-    base = load_checkpoint(args.checkpoint, args.model)
+    device = resolve_device(args.device)
+    base, recipe = read_checkpoint(args.checkpoint, args.model, allow_pickle=args.allow_pickle)
+    base = base.to(device)
     specs = _specs(raw, base)
     if args.data is not None:
         data = load_data(args.data, base)
@@ -260,7 +273,16 @@ def run(args: argparse.Namespace) -> int:
 
     report_path = args.out.with_suffix(".json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": grown, "report": report.to_dict()}, args.out)
+    # Data only (weights_only=True loads it): the weights, and the recipe that rebuilds their
+    # architecture when the base's is known as a --model spec.
+    torch.save({"state_dict": {k: v.detach().cpu() for k, v in grown.state_dict().items()},
+                "report": report.to_dict(),
+                "base_model": recipe["base_model"] if recipe else None,
+                "specs": (recipe["specs"] if recipe else []) + [spec_to_dict(s) for s in specs]}, args.out)
     report_path.write_text(report.to_json(indent=2) + "\n")
     say(f"wrote {args.out}, {report_path}")
+    if recipe is None and not args.quiet:
+        print(f"manifold-ext expand: note: {args.out} holds the grown weights without their architecture "
+              f"(CHECKPOINT is a pickled module, not a state dict with --model SPEC): load it with --model SPEC "
+              f"of the grown model, or load its 'state_dict' into that architecture in Python", file=sys.stderr)
     return 0

@@ -11,8 +11,9 @@ from typing import Callable
 
 from .. import distributed as D
 from .. import probes
-from ._args import CommandError, have_matplotlib, int_at_least
-from ._load import DATA_HELP, MODEL_EPILOG, MODEL_HELP, fmt, load_checkpoints, load_data
+from ._args import CommandError, add_device_argument, have_matplotlib, int_at_least, resolve_device
+from ._load import (ALLOW_PICKLE_HELP, CHECKPOINT_HELP, DATA_HELP, MODEL_EPILOG, MODEL_HELP, fmt, load_checkpoints,
+                    load_data)
 
 # KIND -> (checkpoints wanted as (min, max), what they are, default --steps, what --steps means)
 KINDS = {
@@ -37,23 +38,24 @@ def add_parser(sub, common) -> None:
             "2-D surface through one checkpoint along two random filter-normalised directions (Li et "
             "al. 2018), 'simplex' points drawn uniformly from the simplex of two or more checkpoints. "
             "Writes OUT/KIND.json (the result's to_json) and OUT/KIND.png, and prints a summary. "
-            "Checkpoints are unpickled (torch.load with weights_only=False): load only files you "
-            "trust.", 90),
+            "Checkpoints are loaded with torch.load(weights_only=True), which never runs code from "
+            "the file; a whole pickled nn.Module needs --allow-pickle (only for files you trust).", 90),
         epilog=MODEL_EPILOG + """
 examples:
-  manifold-ext probe barrier a.pt b.pt --out results/ab
-  manifold-ext probe plane a.pt --steps 11 --seed 1
+  manifold-ext probe barrier a.pt b.pt --model mlp:64-32-10 --out results/ab
+  manifold-ext probe plane grown.pt --steps 11 --seed 1   (grown.pt: written by 'manifold-ext expand')
   manifold-ext probe simplex a.pt b.pt c.pt --model mlp:64-32-10 --data test.npz
 """,
     )
     p.add_argument("kind", metavar="KIND", help="line, barrier, plane or simplex")
     p.add_argument("checkpoints", metavar="CHECKPOINT", nargs="+", type=Path,
-                   help="files saved with torch.save holding an nn.Module, a dict {'model': nn.Module} "
-                   "(what 'manifold-ext expand' writes) or a state dict (then give --model); "
-                   "line and barrier take 2, plane 1, simplex 2 or more, all of one architecture")
+                   help=CHECKPOINT_HELP + "; line and barrier take 2, plane 1, simplex 2 or more, all of "
+                   "one architecture")
     p.add_argument("--data", default="digits", metavar="FILE|digits",
                    help="the probe data: " + DATA_HELP + " (default: digits)")
     p.add_argument("--model", metavar="SPEC", help=MODEL_HELP)
+    p.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
+    add_device_argument(p)
     p.add_argument("--out", type=Path, default=Path("results/probe"), metavar="DIR",
                    help="output directory for KIND.json and KIND.png (default: results/probe)")
     p.add_argument("--steps", type=int_at_least(2), metavar="N", help=steps_help)
@@ -85,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise CommandError(f"--out {args.out}: is a file, expected a directory (for {args.kind}.json and "
                            f"{args.kind}.png)")
-    vertices = load_checkpoints(args.checkpoints, args.model)
+    device = resolve_device(args.device)
+    vertices = [m.to(device) for m in load_checkpoints(args.checkpoints, args.model, args.allow_pickle)]
     data = load_data(args.data, vertices[0])
     xy = (data.x, data.y)
     kw = {"quiet": args.quiet}
