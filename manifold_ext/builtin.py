@@ -150,17 +150,12 @@ def task_from_arrays(X, y, *, name: str = "custom", standardize: bool = True,
         raise ValueError("y must hold class indices (non-negative integers)")
     if len(X) < min_examples:
         raise ValueError(f"expected at least {min_examples} examples, got {len(X)}")
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    _check_fraction(test_fraction)
     integer = not (X.is_floating_point() or X.is_complex() or X.dtype == torch.bool)
     tokens = integer if tokens is None else tokens
     if tokens and not integer:
         raise ValueError(f"token ids must be integers, got X of dtype {X.dtype}")
-    perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))
-    n_test = math.ceil(test_fraction * len(X))
-    te, tr = perm[:n_test], perm[n_test:]
-    if not len(tr):
-        raise ValueError(f"test_fraction={test_fraction!r} leaves no training examples (of {len(X)})")
+    tr, te = _split(len(X), test_fraction, seed, "examples")
     if tokens:
         return Task(name, X[tr].long(), y[tr].long(), X[te].long(), y[te].long())
     x_train, x_test = X[tr].double(), X[te].double()  # statistics in float64, then cast
@@ -171,6 +166,55 @@ def task_from_arrays(X, y, *, name: str = "custom", standardize: bool = True,
         std = torch.where(constant, torch.ones_like(std), std)
         x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
     return Task(name, x_train.float(), y[tr].long(), x_test.float(), y[te].long())
+
+
+def _check_fraction(test_fraction: float) -> None:
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+
+
+def _split(n: int, test_fraction: float, seed: int, what: str) -> Tuple[Tensor, Tensor]:
+    """``(train, test)`` indices: ``n`` items shuffled with ``seed``, ``ceil(test_fraction * n)``
+    of them for testing, the rest for training (ValueError when none is left for training)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_test = math.ceil(test_fraction * n)
+    te, tr = perm[:n_test], perm[n_test:]
+    if not len(tr):
+        raise ValueError(f"test_fraction={test_fraction!r} leaves no training {what} (of {n})")
+    return tr, te
+
+
+def task_from_tokens(tokens, *, name: str, test_fraction: float = 0.4, seed: int = 0) -> Task:
+    """A language-modelling :class:`Task` from token sequences: ``tokens`` of shape ``(N, T)``
+    (integer ids, a numpy array or tensor; ``T >= 2``), for ``Settings(loss="lm")`` of
+    :mod:`manifold_ext.compare`.
+
+    Inputs and targets are the sequences themselves (``x = y = tokens``, int64): position t of a
+    sequence predicts its token t + 1. The sequences are shuffled with ``seed`` and split as
+    :func:`task_from_arrays` splits examples: ``ceil(test_fraction * N)`` for testing, the rest
+    for training; no sequence is cut across the splits.
+
+    Args:
+        name: the task's name (results and the resume check of a compare run record it).
+
+    Raises:
+        ValueError: for tokens that are not a 2-D array of non-negative integers with ``T >= 2``,
+            or too few sequences to leave one for training.
+    """
+    x = torch.as_tensor(tokens)
+    if x.dim() != 2:
+        raise ValueError(f"expected tokens of shape (N, T): N sequences of T token ids, got shape {tuple(x.shape)}")
+    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        raise ValueError(f"token ids must be integers, got tokens of dtype {x.dtype}")
+    if x.shape[1] < 2:
+        raise ValueError(f"expected sequences of at least 2 tokens (position t predicts token t + 1), "
+                         f"got tokens of shape {tuple(x.shape)}")
+    if x.numel() and x.min() < 0:
+        raise ValueError(f"token ids must be non-negative, got ids down to {x.min().item()}")
+    _check_fraction(test_fraction)
+    tr, te = _split(len(x), test_fraction, seed, "sequences")
+    x = x.long()
+    return Task(name, x[tr], x[tr], x[te], x[te])
 
 
 def digits(image: bool = False) -> Task:

@@ -8,6 +8,10 @@ accuracy over the base and over the control (the base trained on for the same bu
 correlate every metric with the gains (Spearman and Kendall, with bootstrap intervals that
 resample whole candidates).
 
+The models are classifiers by default; with ``Settings(loss="lm")`` they are language models on
+token sequences (:func:`manifold_ext.builtin.task_from_tokens`): trained and measured by their
+next-token loss, the gains in points of next-token accuracy.
+
 Each (seed, candidate) unit is written to ``OUT/units/`` atomically as it finishes, so a run that
 is killed and started again with ``resume=True`` loses nothing and recomputes nothing that had
 finished. Under ``torchrun``, the units are spread across the ranks (:func:`compare`).
@@ -27,7 +31,6 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -36,14 +39,18 @@ from . import distributed as D
 from . import manifold as M
 from ._safe_load import PickledObjectsError, load_tensors, reason
 from .builtin import Benchmark, Candidate, Task
-from .expand import Widen, expand
+from .expand import Widen, expand, preservation_error
 from .outputs import logits
+from .outputs import mean_loss as _output_loss
 from .stats import gain_signal, rank_correlation
 
 ESTIMATOR_NAMES = tuple(M.ESTIMATORS)
 PRESERVING = 1e-4  # an expansion whose measured preservation error is below this preserves the function
 CHANCE_MARGIN = 0.05  # a base less than this (5 points of accuracy) above chance is at chance level
 SIGNAL_P = 0.05  # a Friedman p-value above this: the gains do not differ beyond the seed spread
+LOSSES = ("cross_entropy", "lm")  # Settings.loss: classification, or next-token prediction
+IGNORE = -100  # a target that does not count (the engine's ignore_index)
+PRESERVATION_ROWS = 64  # training inputs the preservation error is measured on when expand has no default
 
 
 @dataclass
@@ -57,13 +64,22 @@ class Settings:
         adapt_epochs: the candidates' short adaptation before the metrics are measured.
         finetune_epochs: the fixed budget of the ground truth (including the adaptation).
         lr, batch_size: all training.
-        probe_examples: training examples the estimators and baselines see (the probe set).
-        threshold: the common loss threshold, a multiple of the base's loss on the probe set.
+        probe_examples: training examples the estimators and baselines see (the probe set); for
+            ``loss="lm"``, training sequences.
+        threshold: the common loss threshold, a multiple of the base's loss on the probe set. It
+            should stay below the chance-level loss ln(K) (uniform predictions over the base's K
+            classes, or its vocabulary for ``loss="lm"``): a result warns when it does not.
         estimators: which manifold-size estimators to run.
         estimator_options: per estimator, keyword arguments (e.g. ``{"radius": {"directions": 8}}``).
         baselines: which baseline metrics to compute (names of :data:`manifold_ext.baselines.BASELINES`).
         default_estimator: the estimator whose size the ranking table shows.
         n_boot: bootstrap resamples for the correlation intervals.
+        loss: ``"cross_entropy"`` (default): classification, targets of shape (N,) class indices;
+            or ``"lm"``: next-token prediction on token sequences, inputs and targets of shape
+            (N, T) (targets usually equal to the inputs; position t predicts ``y[:, t + 1]``,
+            targets of -100 do not count; see :func:`manifold_ext.builtin.task_from_tokens`).
+            Training, the estimators, the baselines and the test loss use it; the accuracy is
+            then the next-token accuracy (gains in its points).
     """
 
     seeds: int = 3
@@ -79,8 +95,12 @@ class Settings:
     baselines: Tuple[str, ...] = tuple(B.BASELINES)
     default_estimator: str = "radius"
     n_boot: int = 2000
+    loss: str = "cross_entropy"
 
     def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"settings: loss must be one of {list(LOSSES)} (classification, or next-token "
+                             f"prediction on token sequences), got {self.loss!r}")
         self.estimators = tuple(self.estimators)
         self.baselines = tuple(self.baselines)
         for name in ("seeds", "base_epochs", "adapt_epochs", "finetune_epochs", "batch_size",
@@ -101,6 +121,10 @@ class Settings:
         bad = [e for e in self.estimator_options if e not in M.ESTIMATORS]
         if bad:
             raise ValueError(f"settings: estimator_options for unknown estimator(s) {bad}; valid are {list(M.ESTIMATORS)}")
+        bad = [e for e, opts in self.estimator_options.items() if isinstance(opts, dict) and "loss" in opts]
+        if bad:
+            raise ValueError(f"settings: estimator_options {bad} set loss; set loss at the top level (it applies "
+                             f"to training, every estimator and every baseline)")
         unknown = [b for b in self.baselines if b not in B.BASELINES]
         if unknown:
             raise ValueError(f"settings: unknown baseline(s) {unknown}; valid are {list(B.BASELINES)}")
@@ -127,14 +151,23 @@ QUICK = dict(seeds=2, finetune_epochs=3, probe_examples=256, n_boot=500,
 # ----------------------------------------------------------------------------- training
 
 
-def _loss(model: nn.Module, x, y) -> torch.Tensor:
-    return F.cross_entropy(logits(model(x)), y)
+def _loss(model: nn.Module, x, y, loss: str = "cross_entropy") -> torch.Tensor:
+    return _output_loss(model(x), y, loss)
+
+
+def _aligned(out: torch.Tensor, y: torch.Tensor, loss: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, targets)`` paired position by position: for ``"lm"``, position t predicts
+    ``y[:, t + 1]`` (the last position predicts nothing, the first target is never predicted)."""
+    if loss == "lm":
+        return out[:, :-1], y[:, 1:]
+    return out, y
 
 
 def train(model: nn.Module, x, y, *, epochs: int, lr: float, batch_size: int, seed: int,
-          optimizer: Optional[torch.optim.Optimizer] = None) -> torch.optim.Optimizer:
+          optimizer: Optional[torch.optim.Optimizer] = None, loss: str = "cross_entropy") -> torch.optim.Optimizer:
     """Adam on (x, y) for ``epochs`` epochs in a seeded order (in place); returns the optimiser so
-    that training can continue where it stopped."""
+    that training can continue where it stopped. ``loss``: as :attr:`Settings.loss` (the loss of
+    :func:`manifold_ext.outputs.mean_loss`)."""
     model.train()
     opt = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
@@ -143,24 +176,28 @@ def train(model: nn.Module, x, y, *, epochs: int, lr: float, batch_size: int, se
         for i in range(0, len(x), batch_size):
             idx = perm[i:i + batch_size]
             opt.zero_grad()
-            _loss(model, x[idx], y[idx]).backward()
+            _loss(model, x[idx], y[idx], loss).backward()
             opt.step()
     model.eval()
     return opt
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x, y) -> float:
-    """Test accuracy in eval mode."""
+def accuracy(model: nn.Module, x, y, loss: str = "cross_entropy") -> float:
+    """Test accuracy in eval mode: the share of examples whose class is the argmax of the logits;
+    for ``loss="lm"``, the next-token accuracy: the share of positions 1.. whose target is the
+    argmax at the previous position (targets of -100 do not count)."""
     model.eval()
-    return (logits(model(x)).argmax(-1) == y).double().mean().item()
+    out, y = _aligned(logits(model(x)), y, loss)
+    return (out.argmax(-1) == y)[y != IGNORE].double().mean().item()
 
 
 @torch.no_grad()
-def mean_loss(model: nn.Module, x, y) -> float:
-    """Mean cross-entropy in eval mode."""
+def mean_loss(model: nn.Module, x, y, loss: str = "cross_entropy") -> float:
+    """Mean loss in eval mode: the cross-entropy, or for ``loss="lm"`` the next-token
+    cross-entropy over every predicted position."""
     model.eval()
-    return _loss(model, x, y).item()
+    return _loss(model, x, y, loss).item()
 
 
 # ----------------------------------------------------------------------------- units
@@ -233,7 +270,7 @@ def _base(bench: Benchmark, settings: Settings, seed: int, out: Path, task: Opti
         return load_base(bench, out, seed, device=t.device)
     model = _fresh_base(bench, seed).to(t.device)  # initialised on the CPU: the same on every device
     train(model, t.x_train, t.y_train, epochs=settings.base_epochs, lr=settings.lr,
-          batch_size=settings.batch_size, seed=seed)
+          batch_size=settings.batch_size, seed=seed, loss=settings.loss)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
@@ -243,15 +280,21 @@ def _base(bench: Benchmark, settings: Settings, seed: int, out: Path, task: Opti
 
 def grow_and_adapt(base: nn.Module, candidate: Candidate, task: Task, settings: Settings, seed: int):
     """``(expanded, adapted, optimiser, preservation_error)``: the candidate grown from the base
-    (seeded) and a copy adapted for ``adapt_epochs``; deterministic given the seed."""
+    (seeded) and a copy adapted for ``adapt_epochs``; deterministic given the seed.
+
+    The preservation error is the one :func:`manifold_ext.expand.expand` measures on its default
+    inputs; where it has none (e.g. a model that takes token ids), on the first
+    ``PRESERVATION_ROWS`` training inputs."""
     if candidate.specs:
         grown, report = expand(base, *candidate.specs, generator=torch.Generator().manual_seed(seed))
         preservation = report.preservation_error
+        if preservation is None:
+            preservation = preservation_error(base, grown, task.x_train[:PRESERVATION_ROWS])
     else:
         grown, preservation = copy.deepcopy(base), 0.0
     expanded = copy.deepcopy(grown)
     opt = train(grown, task.x_train, task.y_train, epochs=settings.adapt_epochs, lr=settings.lr,
-                batch_size=settings.batch_size, seed=1000 + seed)
+                batch_size=settings.batch_size, seed=1000 + seed, loss=settings.loss)
     return expanded, grown, opt, preservation
 
 
@@ -260,16 +303,17 @@ def run_unit(base: nn.Module, candidate: Candidate, task: Task, settings: Settin
     """One candidate at one seed: grow, adapt, measure every metric, fine-tune, record."""
     start = time.perf_counter()
     _, grown, opt, preservation = grow_and_adapt(base, candidate, task, settings, seed)
-    kw = dict(lr=settings.lr, batch_size=settings.batch_size)
+    kw = dict(lr=settings.lr, batch_size=settings.batch_size, loss=settings.loss)
     probe = (task.x_train[:settings.probe_examples], task.y_train[:settings.probe_examples])
     sizes, estimates = {}, {}
     for name in settings.estimators:
         opts = settings.estimator_options.get(name, {})
-        est = M.ESTIMATORS[name](grown, probe, tau=tau, seed=seed, quiet=True, **opts)
+        est = M.ESTIMATORS[name](grown, probe, tau=tau, seed=seed, quiet=True, loss=settings.loss, **opts)
         sizes[name] = est.size
         estimates[name] = {k: v for k, v in asdict(est).items() if k not in ("trace",)}
-    report = B.compute_baselines(grown, probe, seed=seed, include=settings.baselines, quiet=True)
-    adapted_loss = mean_loss(grown, *probe)
+    report = B.compute_baselines(grown, probe, seed=seed, include=settings.baselines, quiet=True,
+                                 loss=settings.loss)
+    adapted_loss = mean_loss(grown, *probe, settings.loss)
     # The rest of the budget, continuing the adaptation's optimiser.
     train(grown, task.x_train, task.y_train, epochs=settings.finetune_epochs - settings.adapt_epochs,
           seed=2000 + seed, optimizer=opt, **kw)
@@ -278,8 +322,8 @@ def run_unit(base: nn.Module, candidate: Candidate, task: Task, settings: Settin
         "parameters": sum(p.numel() for p in grown.parameters()),
         "preservation_error": preservation,
         "adapted_probe_loss": adapted_loss,
-        "test_accuracy": accuracy(grown, task.x_test, task.y_test),
-        "test_loss": mean_loss(grown, task.x_test, task.y_test),
+        "test_accuracy": accuracy(grown, task.x_test, task.y_test, settings.loss),
+        "test_loss": mean_loss(grown, task.x_test, task.y_test, settings.loss),
         "sizes": sizes, "baselines": report.values, "baseline_seconds": report.seconds,
         "estimates": estimates, "seconds": time.perf_counter() - start,
     }
@@ -308,14 +352,24 @@ def _device_of(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def chance_accuracy(task: Task) -> float:
-    """The test accuracy of always predicting the most frequent training class."""
-    mode = torch.bincount(task.y_train.cpu()).argmax()
-    return (task.y_test.cpu() == mode).double().mean().item()
+def _targets(y: torch.Tensor, loss: str) -> torch.Tensor:
+    """Every target, flat: the labels, or for ``"lm"`` the tokens of positions 1.. but -100."""
+    if loss != "lm":
+        return y.reshape(-1)
+    y = y[:, 1:]
+    return y[y != IGNORE]
+
+
+def chance_accuracy(task: Task, loss: str = "cross_entropy") -> float:
+    """The test accuracy of always predicting the most frequent training class; for
+    ``loss="lm"``, the next-token accuracy of always predicting the most frequent training target
+    token (the frequency of that token among the test targets)."""
+    mode = torch.bincount(_targets(task.y_train.cpu(), loss)).argmax()
+    return (_targets(task.y_test.cpu(), loss) == mode).double().mean().item()
 
 
 @torch.no_grad()
-def check_data(base: nn.Module, task: Task, rows: int = 8) -> None:
+def check_data(base: nn.Module, task: Task, rows: int = 8, *, loss: str = "cross_entropy") -> int:
     """Check that ``task`` fits ``base`` before anything is trained: a forward pass (eval mode, the
     base's modes restored) on the first ``rows`` training inputs gives logits of shape
     ``(rows, classes)`` (read by :func:`manifold_ext.outputs.logits`), and every label of both
@@ -323,9 +377,23 @@ def check_data(base: nn.Module, task: Task, rows: int = 8) -> None:
     ``nn.Embedding``, every id of both splits lies within the first embedding (in module order:
     the token embedding of the usual language models).
 
+    For ``loss="lm"`` (a language model): both splits hold integer token sequences, inputs and
+    targets of the same shape ``(N, T)`` with ``T >= 2``; the logits have shape
+    ``(rows, T, vocab)``, and every target token (but -100) lies in ``[0, vocab)``.
+
+    Returns:
+        the number of the base's outputs: its classes, or its vocabulary for ``"lm"``.
+
     Raises:
         ValueError: saying what does not fit.
     """
+    lm = loss == "lm"
+    if lm:
+        for split, xs, ys in (("training", task.x_train, task.y_train), ("test", task.x_test, task.y_test)):
+            if xs.is_floating_point() or xs.is_complex() or xs.dim() != 2 or xs.shape[1] < 2 or ys.shape != xs.shape:
+                raise ValueError(f"a language model (loss 'lm') takes token sequences: integer inputs of shape "
+                                 f"(N, T), T >= 2, and targets of the same shape (usually the inputs); the {split} "
+                                 f"split has inputs {tuple(xs.shape)} ({xs.dtype}) and targets {tuple(ys.shape)}")
     emb = next((m for m in base.modules() if isinstance(m, nn.Embedding)), None)
     if emb is not None and not task.x_train.is_floating_point():
         ids = torch.cat([task.x_train.reshape(-1), task.x_test.reshape(-1)])
@@ -345,14 +413,21 @@ def check_data(base: nn.Module, task: Task, rows: int = 8) -> None:
     finally:
         for m, t in modes:
             m.train(t)
-    if out.dim() != 2 or out.shape[0] != len(x):
+    if lm and (out.dim() != 3 or out.shape[:2] != x.shape):
+        raise ValueError(f"a language model (loss 'lm') must output logits of shape (N, T, vocab); on inputs "
+                         f"of shape {tuple(x.shape)} it output {tuple(out.shape)}")
+    if not lm and (out.dim() != 2 or out.shape[0] != len(x)):
         raise ValueError(f"the base must output logits of shape (N, classes); on inputs of shape "
                          f"{tuple(x.shape)} it output {tuple(out.shape)}")
-    classes = out.shape[1]
-    y = torch.cat([task.y_train.reshape(-1), task.y_test.reshape(-1)])
+    classes = out.shape[-1]
+    y = torch.cat([_targets(task.y_train, loss), _targets(task.y_test, loss)])
     if len(y) and (y.min() < 0 or y.max() >= classes):
+        if lm:
+            raise ValueError(f"the target token ids lie in [{y.min().item()}, {y.max().item()}], but the base "
+                             f"predicts a vocabulary of {classes} (expected ids in [0, {classes}))")
         raise ValueError(f"the labels lie in [{y.min().item()}, {y.max().item()}], but the base has {classes} "
                          f"outputs (expected labels in [0, {classes}))")
+    return classes
 
 
 def check_candidates(base: nn.Module, candidates: Sequence[Candidate], task: Task, rows: int = 8) -> None:
@@ -398,7 +473,9 @@ class CompareResult:
     Attributes:
         settings: as run.
         candidates: the candidates, as dicts.
-        bases: per seed, the base's test accuracy, probe loss and the common threshold.
+        bases: per seed, the base's test accuracy (next-token accuracy for ``loss="lm"``) and
+            its chance level, test loss, probe loss, the common threshold, its number of outputs
+            (classes or vocabulary) and the chance-level loss ln(outputs).
         units: one record per (seed, candidate): sizes, baselines, gains, timings.
         ranking: one row per candidate: mean gains, parameters, mean default size.
         correlations: one row per metric: Spearman and Kendall with the gains over the base,
@@ -482,8 +559,13 @@ def compare(bench: Benchmark, settings: Settings, out: Path, *, base: Optional[n
 
     Before anything is trained, the data are checked against the base (:func:`check_data`) and
     every candidate is grown once from it (:func:`check_candidates`): a ValueError says what
-    does not fit. ``result.warnings`` (also in ``results.json``) flags a base at chance level
-    and gains that do not differ beyond the seed spread (see :func:`summarise`)."""
+    does not fit. ``result.warnings`` (also in ``results.json``) flags a base at chance level,
+    a threshold at or above the chance-level loss and gains that do not differ beyond the seed
+    spread (see :func:`summarise`).
+
+    ``settings.loss="lm"``: the task holds token sequences (:func:`manifold_ext.builtin.task_from_tokens`)
+    and the base is a language model mapping ids (N, T) to logits (N, T, vocab); the accuracies
+    are next-token accuracies and the gains their points."""
     start = time.perf_counter()
     out = Path(out)
     names = [c.name for c in bench.candidates]
@@ -496,11 +578,17 @@ def compare(bench: Benchmark, settings: Settings, out: Path, *, base: Optional[n
         raise TypeError(f"compare: base must be an nn.Module, got {type(base).__name__}")
     # Before any training: the data fit the base, and every candidate grows from it.
     reference = _fresh_base(bench, 0, base)
-    check_data(reference, bench.task)
+    outputs = check_data(reference, bench.task, loss=settings.loss)
+    if settings.loss == "lm" and settings.baselines and (bench.task.y_train[:settings.probe_examples] == IGNORE).any():
+        raise ValueError(f"the probe set (the first probe_examples={settings.probe_examples} training sequences) "
+                         f"holds ignored targets ({IGNORE}), which the baselines do not take: pass sequences "
+                         f"without padding, or baselines = []")
     check_candidates(reference, bench.candidates, bench.task)
     del reference
     config = {"model": bench.model, "task": bench.task.name, "settings": asdict(settings),
               "candidates": [c.to_dict() for c in bench.candidates]}
+    if settings.loss == LOSSES[0]:  # absent for the default loss, so that older run directories still resume
+        del config["settings"]["loss"]
     if base is not None:  # absent for a trained base, so that older run directories still resume
         config["base"] = fingerprint(base)
     config = json.loads(json.dumps(config, default=str))
@@ -524,12 +612,13 @@ def compare(bench: Benchmark, settings: Settings, out: Path, *, base: Optional[n
         raise ValueError(failure)
     base_models = [m.to(t.device) for m in base_models]
     bases = []
-    chance = chance_accuracy(t)
+    chance = chance_accuracy(t, settings.loss)
     for seed, model in enumerate(base_models):
-        base_loss = mean_loss(model, *probe)
-        bases.append({"seed": seed, "test_accuracy": accuracy(model, t.x_test, t.y_test),
-                      "test_loss": mean_loss(model, t.x_test, t.y_test), "chance_accuracy": chance,
+        base_loss = mean_loss(model, *probe, settings.loss)
+        bases.append({"seed": seed, "test_accuracy": accuracy(model, t.x_test, t.y_test, settings.loss),
+                      "test_loss": mean_loss(model, t.x_test, t.y_test, settings.loss), "chance_accuracy": chance,
                       "probe_loss": base_loss, "threshold": settings.threshold * base_loss,
+                      "chance_loss": math.log(outputs), "outputs": outputs,
                       "parameters": sum(p.numel() for p in model.parameters())})
     jobs = [(seed, cand) for seed in range(settings.seeds) for cand in bench.candidates]
     mine = [i for i in range(len(jobs)) if i % D.world() == D.rank()]
@@ -606,11 +695,14 @@ def _equal_size_order(units: List[dict], name: str) -> Optional[float]:
 def summarise(bench: Benchmark, settings: Settings, bases: List[dict], units: List[dict]) -> CompareResult:
     """Gains, the ranking, the correlation tables and the warnings from the units.
 
-    Two warnings can be raised (``CompareResult.warnings``):
+    Three warnings can be raised (``CompareResult.warnings``):
 
     * the base is at chance level: its test accuracy (mean over the seeds' bases) is less than
       ``CHANCE_MARGIN`` (5 points) above the chance level, the test accuracy of always predicting
-      the most frequent training class;
+      the most frequent training class (token, for ``loss="lm"``);
+    * the threshold is not below the chance-level loss ln(K), the loss of uniform predictions
+      over the base's K outputs (classes, or its vocabulary for ``loss="lm"``), for some seed's
+      base: the low-loss region then takes in models no better than chance;
     * the gains carry no signal: with at least 2 seeds and 3 candidates, Friedman's test of the
       gains over the base (seeds as blocks, candidates as treatments) gives ``p > SIGNAL_P``
       (0.05). ``CompareResult.signal`` holds the p-value, the spread of the candidates' mean gains
@@ -667,6 +759,17 @@ def summarise(bench: Benchmark, settings: Settings, bases: List[dict], units: Li
         if acc < chance[0] + CHANCE_MARGIN:
             warnings.append(f"the base is at chance level (test accuracy {100 * acc:.1f}% vs chance "
                             f"{100 * chance[0]:.1f}%): the gains below measure noise, not expansion")
+    over = [b for b in bases if b.get("chance_loss") is not None and b["threshold"] >= b["chance_loss"]]
+    if over:
+        b = max(over, key=lambda b: b["threshold"] - b["chance_loss"])
+        which = f" (for {len(over)} of the {len(bases)} seeds' bases)" if len(over) < len(bases) else ""
+        limits = [o["chance_loss"] / o["probe_loss"] for o in over if o["probe_loss"] > 0]
+        advice = (f"set threshold below {min(limits):.3g}" if limits and min(limits) > 1
+                  else "the base's own probe loss is not below it")
+        warnings.append(f"the loss threshold is not below the chance-level loss{which}: {settings.threshold:g} x "
+                        f"the base's probe loss {b['probe_loss']:.3g} = {b['threshold']:.3g} >= ln({b['outputs']}) = "
+                        f"{b['chance_loss']:.3g}, the loss of uniform predictions over its {b['outputs']} outputs; "
+                        f"the manifold sizes take in models no better than chance: {advice}")
     p = signal["friedman_p"]
     if p is not None and p > SIGNAL_P:
         text = (f"the candidates' gains do not differ beyond the seed spread (Friedman p = {p:.2g}): "

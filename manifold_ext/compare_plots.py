@@ -75,10 +75,10 @@ def paths(bench: Benchmark, settings: Settings, base, path: Path, *, steps: int 
     ax = axes[0, 0]
     for i, cand in enumerate(bench.candidates):
         expanded, adapted, _, _ = grow_and_adapt(base, cand, task, settings, seed=0)
-        res = probes.linear_path(expanded, adapted, probe, steps=steps, quiet=True)
+        res = probes.linear_path(expanded, adapted, probe, steps=steps, quiet=True, loss=settings.loss)
         style = "-" if _kind(cand.name) != "depth" else "--"
         ax.plot(res.t, res.loss, style, lw=1, label=cand.name, color=f"C{i % 10}")
-    base_loss = probes.linear_path(base, base, probe, steps=2, quiet=True).loss[0]
+    base_loss = probes.linear_path(base, base, probe, steps=2, quiet=True, loss=settings.loss).loss[0]
     tau = settings.threshold * base_loss
     ax.axhline(tau, color="k", ls=":", lw=1, label="threshold")
     ax.set_yscale("log")
@@ -96,11 +96,12 @@ def simplex_slice(bench: Benchmark, settings: Settings, base, candidate_name: st
     probe = (task.x_train[:settings.probe_examples], task.y_train[:settings.probe_examples])
     cand = next(c for c in bench.candidates if c.name == candidate_name)
     _, adapted, _, _ = grow_and_adapt(base, cand, task, settings, seed=0)
-    base_loss = probes.linear_path(base, base, probe, steps=2, quiet=True).loss[0]
+    base_loss = probes.linear_path(base, base, probe, steps=2, quiet=True, loss=settings.loss).loss[0]
     tau = settings.threshold * base_loss
     opts = dict(settings.estimator_options.get("simplex", {}))
     opts["k"] = 2
-    est, vertices = M.simplex(adapted, probe, tau=tau, seed=0, quiet=True, return_vertices=True, **opts)
+    est, vertices = M.simplex(adapted, probe, tau=tau, seed=0, quiet=True, return_vertices=True,
+                              loss=settings.loss, **opts)
     fig, axes = _figure(1, 1, 5.5, 4.5)
     ax = axes[0, 0]
     if len(vertices) < 3:
@@ -109,7 +110,7 @@ def simplex_slice(bench: Benchmark, settings: Settings, base, candidate_name: st
         v0, v1, v2 = vertices
         d1 = {n: v1[n] - v0[n] for n in v0 if v0[n].is_floating_point()}
         d2 = {n: v2[n] - v0[n] for n in v0 if v0[n].is_floating_point()}
-        res = probes.plane(v0, probe, d1=d1, d2=d2, grid=grid, model=adapted, quiet=True)
+        res = probes.plane(v0, probe, d1=d1, d2=d2, grid=grid, model=adapted, quiet=True, loss=settings.loss)
         z = torch.tensor(res.loss).T.clamp_max(10 * tau).log10().numpy()
         cs = ax.contourf(res.alpha, res.beta, z, levels=20)
         fig.colorbar(cs, ax=ax, label="log10 probe loss")

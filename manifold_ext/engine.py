@@ -123,12 +123,10 @@ def _embedding_forward(W: Tensor, coeffs_ref: List[Tensor]):
     return forward
 
 
-def _head_forward(store: List[Tensor]):
+def _head_forward(inp: Tensor) -> Tensor:
     """The classifier head of a fused loss: hands its input on untouched (the model's 'logits'
     are then the head's inputs) and the loss applies the head inside the fused cross-entropy."""
-    def forward(inp: Tensor) -> Tensor:
-        return inp
-    return forward
+    return inp
 
 
 def _bn_forward(module: _BN, mode_ref: List[str], collected: List[Tensor]):
@@ -200,6 +198,25 @@ def find_head(model: nn.Module, loss: str, head: Optional[str] = None) -> Option
     return None
 
 
+@torch.no_grad()
+def _check_head(model: nn.Module, head: str, x: Tensor, kwargs) -> None:
+    """Raise ValueError unless the model's logits are its head's output unchanged, as the fused
+    loss assumes (checked on one example, in eval mode, with the model's own weights)."""
+    seen = []
+    hook = model.get_submodule(head).register_forward_hook(lambda m, i, o: seen.append(o))
+    was_training = model.training
+    try:
+        model.eval()
+        out = logits_of(model(x[:1], **_rows_of(kwargs, 0, 1)))
+    finally:
+        hook.remove()
+        model.train(was_training)
+    if len(seen) != 1 or seen[0].shape != out.shape or not torch.allclose(seen[0], out, rtol=1e-5, atol=1e-6):
+        raise ValueError(f"the model's logits are not the output of its head {head!r} (called "
+                         f"{len(seen)} times, or changed after it): pass head= naming the layer "
+                         "whose output is the logits")
+
+
 class _Unsupported(RuntimeError):
     """The fused engine cannot run this model (it does not run under vmap)."""
 
@@ -230,8 +247,8 @@ class _Fused:
             patch = None
             if id(m) in mha:
                 patch = None  # nn.MultiheadAttention reads its projections' tensors itself
-            elif name == self.head and name is not None:
-                patch = _head_forward([])
+            elif name == self.head:
+                patch = _head_forward
             elif _is_linear(m):
                 W, b = stacked[lay.canonical(pre + "weight")], \
                     stacked.get(lay.canonical(pre + "bias")) if m.bias is not None else None
@@ -418,11 +435,10 @@ def _chunks(n: int, size: Optional[int]):
 _PASS_BYTES = 128 << 20
 
 
-def _points_per_chunk(fused: _Fused, x: Tensor, n_examples: int, max_memory: int, kwargs=None) -> int:
-    """Points whose materialised parameters and activations fit in max_memory bytes (and in
-    _PASS_BYTES). A fused head's output is never held, so it is not counted."""
-    per_point = sum(t[0].numel() * t.element_size() for n, t in fused.stacked.items()
-                    if n not in fused.linear_names)
+def _activation_bytes(fused: _Fused, x: Tensor, n_examples: int, kwargs=None) -> int:
+    """Bytes of the activations one point's forward pass over ``n_examples`` examples produces,
+    from a forward pass on a few examples (every leaf module's output; a fused head's output is
+    never held, so it is not counted)."""
     acts = []
     head = fused.model.get_submodule(fused.head) if fused.head is not None else None
 
@@ -441,8 +457,30 @@ def _points_per_chunk(fused: _Fused, x: Tensor, n_examples: int, max_memory: int
         fused.model.train(was_training)
         for h in hooks:
             h.remove()
-    per_point += 2 * sum(acts) * n_examples // max(1, len(probe))
+    return sum(acts) * n_examples // max(1, len(probe))
+
+
+def _points_per_chunk(fused: _Fused, x: Tensor, n_examples: int, max_memory: int, kwargs=None) -> int:
+    """Points whose materialised parameters and activations fit in max_memory bytes (and in
+    _PASS_BYTES)."""
+    per_point = sum(t[0].numel() * t.element_size() for n, t in fused.stacked.items()
+                    if n not in fused.linear_names)
+    per_point += 2 * _activation_bytes(fused, x, n_examples, kwargs)
     return max(1, int(min(max_memory, _PASS_BYTES) // max(1, per_point)))
+
+
+# On the CPU, convolutions with per-point weights run under vmap as grouped convolutions, which
+# are slower than the loop's plain convolutions once a point's activations outgrow the caches
+# (benchmarks/engine_models.py: the small CNN on all 1797 digits and ResNet-18 at 64 and 256
+# examples); such models go to the loop without timing the fused engine.
+_CONV_LOOP_BYTES = 8 << 20
+
+
+def _conv_heavy(fused: _Fused, x: Tensor, n_examples: int, kwargs) -> bool:
+    """Whether the model convolves and one point's activations exceed _CONV_LOOP_BYTES, on the CPU."""
+    convs = any(isinstance(m, nn.modules.conv._ConvNd) for m in fused.model.modules())
+    return convs and x.device.type == "cpu" and \
+        _activation_bytes(fused, x, n_examples, kwargs) > _CONV_LOOP_BYTES
 
 
 def _progress(total: int, quiet: bool, desc: str):
@@ -678,9 +716,11 @@ def evaluate(
             running statistics mixed like every other buffer.
         engine: ``"fused"`` (one batched pass over the points: vmapped, or for an MLP op by op),
             ``"loop"`` (one point at a time, loading its state dict), or ``"auto"`` (default):
-            the fused engine for MLPs; for other models, the first point by the loop and the next
-            few by the fused engine, timed, and the rest by the faster (a model that cannot run
-            under vmap falls back to the loop, with a warning). The engine used is in the result.
+            the fused engine for MLPs; the loop for convolutional models whose activations per
+            point exceed 8 MiB, on the CPU; for other models, the first points by each engine,
+            timed, and the rest by the faster (a model that cannot run under vmap falls back to
+            the loop, with a warning). The engine used is in the result; the two agree to float32
+            rounding, so pass ``"fused"`` or ``"loop"`` for bit-for-bit repeatable results.
         max_memory: bytes the fused engine may use for per-point parameters and activations;
             points are processed in chunks under it. Results do not depend on the chunking.
         points_per_chunk: overrides the chunk size derived from ``max_memory``.
@@ -711,6 +751,14 @@ def evaluate(
     inp = _check_data(data, loss, ignore_index)
     bad = _non_finite(stacked, coeffs)  # P.stack made new tensors: the caller's stay untouched
     fused = _Fused(model, stacked, loss, lay=lay, head=head, ignore_index=ignore_index)
+    if loss == "lm" and fused.head is not None and engine != "loop":
+        try:
+            _check_head(model, fused.head, inp.x, inp.kwargs)
+        except ValueError as err:
+            if engine == "fused":
+                raise
+            warnings.warn(f"engine='auto': {err}; using the loop", RuntimeWarning, stacklevel=2)
+            engine = "loop"
     chain = _chain(model, inp.x) if loss != "lm" and not inp.kwargs else None
     if D.sharding() and engine == "auto":
         engine = "fused"
@@ -727,6 +775,9 @@ def evaluate(
         model, stacked, c, inp, lay=lay, loss=loss, bn=bn, batch_size=batch_size, quiet=q,
         ignore_index=ignore_index, times=times)
     mine = coeffs[r0:r1]
+    if engine == "auto" and chain is None and _conv_heavy(fused, inp.x, _chunks(len(inp.x), batch_size)[0][1],
+                                                            inp.kwargs):
+        engine = "loop"
     if engine == "auto":
         loss_sum, correct, engine = _auto(mine, chain is not None, run_fused, run_loop, quiet)
     elif engine == "fused":
@@ -747,31 +798,44 @@ def evaluate(
 
 def _auto(coeffs: Tensor, is_chain: bool, run_fused, run_loop, quiet: bool):
     """(loss_sum, correct, engine): an MLP chain by the fused engine (the faster on every chain
-    the engine benchmark measures); otherwise point 0 by the loop and the next few points by the
-    fused engine, each timed per point without its once-per-call setup, and the rest by the one
-    that took less time per point. The fused engine is probed on few points, which it runs at
-    its least efficient: any error of the choice favours the loop, the engine that must never
-    be beaten."""
+    the engine benchmark measures); otherwise the loop and the fused engine timed per point
+    (without their once-per-call setup) on the first points, and the rest by the faster.
+
+    The loop runs point 0 and the fused engine point 1. The fused engine's time per point only
+    falls as its chunks grow, so if it is already the faster on one point it wins; if it is more
+    than ``_CLEARLY_SLOWER`` times slower, the loop wins; in between, it also runs a chunk of a
+    sixteenth of the points and is judged on that. Any error of the choice favours the loop, the
+    engine that must never be beaten."""
     B = coeffs.shape[0]
     if is_chain or B == 0:
         return (*run_fused(coeffs, quiet), "fused")
     if B == 1:
         return (*run_loop(coeffs, quiet), "loop")
     t_loop, t_fused = [], []
-    first = run_loop(coeffs[:1], True, t_loop)
-    m = min(B - 1, max(1, (B - 1) // 16))
+    parts = [run_loop(coeffs[:1], True, t_loop)]
     try:
-        probe = run_fused(coeffs[1:1 + m], True, t_fused)
+        parts.append(run_fused(coeffs[1:2], True, t_fused))
     except _Unsupported as err:
         warnings.warn(f"engine='auto': the fused engine cannot run this model ({err.__cause__}); "
                       "using the loop", RuntimeWarning, stacklevel=3)
-        rest = run_loop(coeffs[1:], quiet)
-        return torch.cat([first[0], rest[0]]), torch.cat([first[1], rest[1]]), "loop"
-    engine = "fused" if sum(t_fused) / len(t_fused) < t_loop[0] else "loop"
-    parts = [first, probe]
-    if 1 + m < B:
-        parts.append((run_fused if engine == "fused" else run_loop)(coeffs[1 + m:], quiet))
+        parts.append(run_loop(coeffs[1:], quiet))
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), "loop"
+    done = 2
+    ratio = t_fused[0] / t_loop[0]
+    m = min(B - done, (B - 1) // 16)
+    if 1 <= ratio <= _CLEARLY_SLOWER and m >= 2:
+        t_fused.clear()
+        parts.append(run_fused(coeffs[done:done + m], True, t_fused))
+        done += m
+        ratio = sum(t_fused) / len(t_fused) / t_loop[0]
+    engine = "fused" if ratio < 1 else "loop"
+    if done < B:
+        parts.append((run_fused if engine == "fused" else run_loop)(coeffs[done:], quiet))
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), engine
+
+
+# A fused engine this many times slower than the loop on one point is not probed further.
+_CLEARLY_SLOWER = 3.0
 
 
 def point_losses(

@@ -63,3 +63,13 @@ def randomise_bn(model, seed):
             m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
     return model
+
+
+def bigram_lm(seed=0, vocab=256, width=16, hidden=32):
+    """A language model that ``expand`` can grow: token ids (N, T) to next-token logits
+    (N, T, vocab), each position from its own token alone (a bigram model)."""
+    from collections import OrderedDict
+
+    torch.manual_seed(seed)
+    return nn.Sequential(OrderedDict(emb=nn.Embedding(vocab, width), fc1=nn.Linear(width, hidden), act=nn.ReLU(),
+                                     out=nn.Linear(hidden, vocab)))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from manifold_ext import engine
+from manifold_ext import engine, params as P
 from manifold_ext.data import load_digits
 
 from _models import TinyTransformer, cnn, mlp, randomise_bn
@@ -292,3 +292,53 @@ def test_point_losses_values_and_gradients(case, bn, loss):
             torch.testing.assert_close(t.grad, ref_stacked[n].grad, rtol=1e-7, atol=1e-9, msg=n)
     torch.testing.assert_close(coeffs.grad, ref_coeffs.grad, rtol=1e-7, atol=1e-9)
     assert stacked["0.weight"].grad.abs().sum() > 0
+
+
+def _fake_engine(name, per_point, calls):
+    """A stand-in for one engine: records which points it ran and reports per_point seconds."""
+    def run(c, quiet, times=None):
+        calls.append((name, c[:, 0].tolist()))
+        if times is not None:
+            times.extend([per_point] * len(c))
+        return c[:, 0].double(), torch.zeros(len(c), dtype=torch.int64)
+    return run
+
+
+@pytest.mark.parametrize("t_fused,expect,probes", [
+    (0.5, "fused", 2),    # faster on one point: chunks only make it faster
+    (5.0, "loop", 2),     # clearly slower on one point: no further probe
+    (2.0, "loop", 3),     # in between: judged on a chunk of B // 16 points
+])
+def test_auto_picks_the_faster_engine_and_keeps_the_point_order(t_fused, expect, probes):
+    calls = []
+    coeffs = torch.arange(64, dtype=torch.float32).reshape(64, 1)
+    loss, correct, chosen = engine._auto(coeffs, False, _fake_engine("fused", t_fused, calls),
+                                         _fake_engine("loop", 1.0, calls), quiet=True)
+    assert chosen == expect
+    assert loss.tolist() == list(range(64))  # every point once, in order, whoever ran it
+    assert calls[0] == ("loop", [0.0]) and calls[1] == ("fused", [1.0])
+    assert len(calls) == probes + 1 and calls[-1][0] == expect
+    if probes == 3:
+        assert calls[2] == ("fused", [float(i) for i in range(2, 5)])
+
+
+def test_auto_runs_a_chain_fused_and_one_point_by_the_loop():
+    calls = []
+    c = torch.ones(4, 1)
+    assert engine._auto(c, True, _fake_engine("fused", 9.0, calls), _fake_engine("loop", 1.0, calls), True)[2] == "fused"
+    assert engine._auto(c[:1], False, _fake_engine("fused", 0.1, calls), _fake_engine("loop", 1.0, calls), True)[2] == "loop"
+    assert calls == [("fused", [1.0] * 4), ("loop", [1.0])]
+
+
+def test_auto_sends_a_convolutional_model_with_large_activations_to_the_loop():
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 64, 10))
+    big = (torch.randn(1200, 1, 8, 8), torch.randint(0, 10, (1200,)))  # 1200 * 2 * 4 KiB per point
+    small = (big[0][:16], big[1][:16])
+    fused = engine._Fused(cnn, P.stack([cnn, cnn], model=cnn), "cross_entropy", lay=P.layout(cnn))
+    assert engine._conv_heavy(fused, big[0], 1200, {})
+    assert not engine._conv_heavy(fused, small[0], 16, {})
+    ev = engine.evaluate(cnn, [cnn, cnn], _coeffs(4, 2), big)
+    assert ev.engine == "loop"
+    torch.testing.assert_close(ev.loss, engine.evaluate(cnn, [cnn, cnn], _coeffs(4, 2), big, engine="fused").loss,
+                               rtol=1e-5, atol=0)

@@ -223,3 +223,31 @@ def test_baselines_on_a_language_model_and_a_resnet():
     rep = BL.compute_baselines(r, data, include=["loss", "snip"], quiet=True)
     assert rep.values["loss"] == pytest.approx(_direct(r, data, "cross_entropy"), rel=1e-5)
     assert rep.values["snip"] > 0
+
+
+class _ScaledLM(torch.nn.Module):
+    """A language model that scales its head's output: the head is not the logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(11, 8)
+        self.head = torch.nn.Linear(8, 11)
+
+    def forward(self, ids):
+        return 0.5 * self.head(self.emb(ids))
+
+
+def test_a_head_whose_output_is_changed_is_refused_by_the_fused_loss():
+    m = _ScaledLM()
+    ids = torch.randint(0, 11, (3, 6))
+    with pytest.raises(ValueError, match=r"the model's logits are not the output of its head 'head' "
+                                         r"\(called 1 times, or changed after it\): pass head="):
+        engine.evaluate(m, [m], torch.ones(1, 1), (ids, ids), loss="lm", engine="fused")
+    loop = engine.evaluate(m, [m], torch.ones(1, 1), (ids, ids), loss="lm", engine="loop")
+    with pytest.warns(RuntimeWarning, match=r"engine='auto': the model's logits are not the output of its head"):
+        auto = engine.evaluate(m, [m], torch.ones(1, 1), (ids, ids), loss="lm")
+    assert auto.engine == "loop" and auto.loss.item() == loop.loss.item()
+    with torch.no_grad():
+        out = m(ids)
+    want = F.cross_entropy(out[:, :-1].reshape(-1, 11), ids[:, 1:].reshape(-1)).item()
+    assert loop.loss.item() == pytest.approx(want, rel=1e-6)

@@ -385,6 +385,16 @@ def as_tensor(value, name: str, label: str) -> Tensor:
 
 def read_arrays(path: Path):
     """The raw (X, y) of a .npz or .pt data file (CommandError naming --data otherwise)."""
+    found = read_data(path)
+    return found["X"], found["y"]
+
+
+def read_data(path: Path, *, tokens: bool = False) -> dict:
+    """The raw arrays of a .npz or .pt data file: ``{"X": X, "y": y}`` (a .npz with arrays X and
+    y; a .pt holding a dict with X and y or a tuple (X, y)), or with ``tokens`` also
+    ``{"tokens": tokens}``, a language model's token sequences (a .npz with an array tokens; a
+    .pt holding a dict {'tokens': tensor}). A .pt file is read with ``weights_only=True``, never
+    unpickled. CommandError naming --data otherwise."""
     label = str(path)
     if not path.exists():
         raise CommandError(f"--data {label}: no such file")
@@ -397,10 +407,13 @@ def read_arrays(path: Path):
         except Exception as err:  # noqa: BLE001
             raise CommandError(f"--data {label}: numpy cannot read it as .npz ({type(err).__name__}: "
                                f"{(str(err).splitlines() or [''])[0][:200]})") from err
+        if tokens and "tokens" in found:
+            return _tokens_only(found, label, "arrays")
         missing = [k for k in ("X", "y") if k not in found]
         if missing:
-            raise CommandError(f"--data {label}: expected arrays X and y, got arrays [{', '.join(map(repr, found))}]")
-        return found["X"], found["y"]
+            want = "an array tokens (token sequences) or arrays X and y" if tokens else "arrays X and y"
+            raise CommandError(f"--data {label}: expected {want}, got arrays [{', '.join(map(repr, found))}]")
+        return {"X": found["X"], "y": found["y"]}
     if path.suffix in (".pt", ".pth"):
         try:
             obj = load_tensors(path)  # weights_only=True, whatever the checkpoints' --allow-pickle
@@ -412,13 +425,25 @@ def read_arrays(path: Path):
                 f"them, or save FILE.npz)") from None
         except Exception as err:  # noqa: BLE001
             raise CommandError(f"--data {label}: torch.load cannot read it ({reason(err)})") from err
+        if tokens and isinstance(obj, Mapping) and "tokens" in obj:
+            return _tokens_only(obj, label, "keys")
         if isinstance(obj, Mapping) and "X" in obj and "y" in obj:
-            return obj["X"], obj["y"]
+            return {"X": obj["X"], "y": obj["y"]}
         if isinstance(obj, (tuple, list)) and len(obj) == 2:
-            return obj[0], obj[1]
-        raise CommandError(f"--data {label}: expected a dict with X and y or a tuple (X, y), got {_describe(obj)}"
+            return {"X": obj[0], "y": obj[1]}
+        want = "a dict {'tokens': tokens} (token sequences), a dict with X and y" if tokens else "a dict with X and y"
+        raise CommandError(f"--data {label}: expected {want} or a tuple (X, y), got {_describe(obj)}"
                            + (f" of length {len(obj)}" if isinstance(obj, (tuple, list)) else ""))
     raise CommandError(f"--data: expected 'digits', FILE.npz or FILE.pt, got {label!r}")
+
+
+def _tokens_only(found: Mapping, label: str, what: str) -> dict:
+    """``{"tokens": ...}`` of a token file; one that also holds X or y is ambiguous."""
+    also = [k for k in ("X", "y") if k in found]
+    if also:
+        raise CommandError(f"--data {label}: holds both tokens (token sequences) and {' and '.join(also)}; expected "
+                           f"either {what} tokens or X and y")
+    return {"tokens": found["tokens"]}
 
 
 @torch.no_grad()

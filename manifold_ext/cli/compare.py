@@ -22,11 +22,11 @@ from torch import nn
 
 from .. import compare as C
 from .. import distributed as D
-from ..builtin import Benchmark, Candidate, Task, benchmark, task_from_arrays
+from ..builtin import Benchmark, Candidate, Task, benchmark, task_from_arrays, task_from_tokens
 from ._args import CommandError, add_device_argument, have_matplotlib, int_at_least, resolve_device
 from ._load import _load_state as load_state
 from ._load import _read as read_file
-from ._load import as_tensor, expected_input, first_layer, load_checkpoint, read_arrays
+from ._load import as_tensor, expected_input, first_layer, load_checkpoint, read_data
 
 
 def add_parser(sub, common) -> None:
@@ -40,11 +40,14 @@ def add_parser(sub, common) -> None:
             "it for a fixed budget, and correlate every metric with the gains over several seeds. "
             "With no arguments: the MLP on the built-in digits data, 20 candidates, 3 seeds. "
             "With --base: your own trained network is the base (not retrained), grown by the "
-            "candidates of --config.", 88),
+            "candidates of --config; with --base and a token file as --data, a language model "
+            "(next-token prediction, loss lm).", 88),
         epilog="your own base (--base):\n"
         "  manifold-ext compare --base model.pt --arch mlp:64-32-10 --config cands.toml\n"
         "  manifold-ext compare --base model.pt --arch mypackage.models:build --config cands.toml --data d.npz\n"
-        "  manifold-ext compare --base hf_dir/ --config cands.toml --data tokens.npz\n"
+        "  manifold-ext compare --base hf_dir/ --config cands.toml --data data.npz\n"
+        "a language model (--data holding token sequences: loss lm, next-token accuracy):\n"
+        "  manifold-ext compare --base lm.pt --arch mypackage.models:build_lm --config cands.toml --data tokens.npz\n"
         "cands.toml lists [[candidates]] whose specs name the base's module paths, e.g.\n"
         "  [[candidates]]\n"
         "  name = \"wide\"\n"
@@ -62,7 +65,13 @@ def add_parser(sub, common) -> None:
                    "{'X': tensor, 'y': tensor} or a tuple (X, y) of torch tensors (read with "
                    "weights_only=True: never unpickled); split 60/40 into train and test (seeded). "
                    "Float features are standardised (see --standardize); integer token ids (for a "
-                   "transformer, or a base whose first layer is an embedding) are kept as they are")
+                   "transformer, or a base whose first layer is an embedding) are kept as they are. "
+                   "A token file, for a language model: FILE.npz with an integer array tokens of "
+                   "shape (N, T) (N sequences of T >= 2 token ids in [0, vocab) of the base), or "
+                   "FILE.pt with a dict {'tokens': tensor} (weights_only=True, as above). It "
+                   "selects loss lm (next-token cross-entropy: position t predicts token t + 1; "
+                   "the accuracy is next-token accuracy); its sequences are split 60/40 (seeded), "
+                   "none cut. It needs --base: there is no built-in language model")
     p.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=None,
                    help="standardise --data's float features: subtract each feature's mean and divide "
                    "by its standard deviation, both from the training split only (a constant feature is "
@@ -116,9 +125,16 @@ def _load_config(path: Path) -> dict:
         raise CommandError(f"--config: {str(path)!r} is not valid TOML: {err}") from None
 
 
-def _load_data(path: Path) -> tuple:
-    X, y = read_arrays(path)
-    return as_tensor(X, "X", str(path)), as_tensor(y, "y", str(path))
+def _load_data(path: Path) -> dict:
+    """--data's tensors: ``{"tokens": (N, T)}`` for a token file, else ``{"X": X, "y": y}``."""
+    return {k: as_tensor(v, k, str(path)) for k, v in read_data(path, tokens=True).items()}
+
+
+def _token_task(path: Path, tokens: torch.Tensor) -> Task:
+    try:
+        return task_from_tokens(tokens, name="custom tokens")
+    except ValueError as err:
+        raise CommandError(f"--data {path}: {err}") from None
 
 
 def _user_task(X: torch.Tensor, y: torch.Tensor, model: str, standardize: bool) -> Task:
@@ -168,6 +184,15 @@ def _setup(args) -> tuple:
     cfg.pop("task", None)
     candidates = cfg.pop("candidates", None)
     standardize = args.standardize if args.standardize is not None else args.base is None
+    data = _load_data(args.data) if args.data is not None else None
+    tokens = data is not None and "tokens" in data
+    if tokens and args.base is None:
+        raise CommandError(f"--data {args.data}: a token file (language modelling) needs --base PATH, your trained "
+                           f"language model: there is no built-in language model")
+    settings = _settings(args, cfg, tokens)
+    if settings.loss == "lm" and not tokens:
+        raise CommandError(f"--config {args.config}: loss 'lm' (a language model) needs --data FILE holding token "
+                           f"sequences (an array tokens of shape (N, T)) and --base PATH, your trained language model")
     base = None
     if args.base is not None:
         candidates = _candidates(candidates) if candidates is not None else None
@@ -179,13 +204,12 @@ def _setup(args) -> tuple:
             raise CommandError(f"--config {args.config} lists no [[candidates]] expansion; with --base they are "
                                f"required, {example}")
         base = _load_base(args.base, args.arch, args.allow_pickle)
-        data = _base_task(args, base, standardize)
-        bench = Benchmark(_safe_name(args.base), data, None, candidates)
-        _check_base(args, base, bench)
+        bench = Benchmark(_safe_name(args.base), _base_task(args, data, base, standardize), None, candidates)
+        _check_base(args, base, bench, settings.loss)
     else:
         bench = benchmark(model, task)
-        if args.data is not None:
-            bench = _with_data(bench, _user_task(*_load_data(args.data), model, standardize))
+        if data is not None:
+            bench = _with_data(bench, _user_task(data["X"], data["y"], model, standardize))
         if candidates is not None:
             bench.candidates = _candidates(candidates)
             with torch.random.fork_rng(devices=[]):
@@ -195,12 +219,24 @@ def _setup(args) -> tuple:
                 C.check_candidates(reference, bench.candidates, bench.task)
             except ValueError as err:
                 raise CommandError(f"--config {args.config}: {err}") from None
+    return bench, settings, base
+
+
+def _settings(args, cfg: dict, tokens: bool) -> C.Settings:
+    """The settings of --quick, --config's top level and --seeds; a token file as --data selects
+    loss lm (a config that sets another loss is an error)."""
     settings = dict(C.QUICK) if args.quick else {}
     settings.update(cfg)
     if args.seeds is not None:
         settings["seeds"] = args.seeds
+    if tokens:
+        if settings.get("loss") == "cross_entropy":
+            raise CommandError(f"--config {args.config}: loss = 'cross_entropy' does not fit --data {args.data}, a "
+                               f"token file (token sequences: a language model's next-token prediction, loss 'lm'); "
+                               f"drop loss or set loss = \"lm\"")
+        settings.setdefault("loss", "lm")
     try:
-        return bench, C.Settings.from_dict(settings), base
+        return C.Settings.from_dict(settings)
     except ValueError as err:
         raise CommandError(f"{'--config: ' if args.config else ''}{err}") from None
 
@@ -333,14 +369,16 @@ def _load_base(path: Path, arch: Optional[str], allow_pickle: bool) -> nn.Module
     return _load_base_file(path, arch, allow_pickle)
 
 
-def _base_task(args, base: nn.Module, standardize: bool) -> Task:
-    """The data for a given base: --data (token ids when its first layer is an embedding, else
-    features in its dtype), or the built-in data of --task (digits: as images for a
-    convolutional base)."""
+def _base_task(args, data: Optional[dict], base: nn.Module, standardize: bool) -> Task:
+    """The data for a given base: --data (``data``, as :func:`_load_data` read it: token sequences
+    for a language model; token ids when its first layer is an embedding, else features in its
+    dtype), or the built-in data of --task (digits: as images for a convolutional base)."""
+    if data is not None and "tokens" in data:
+        return _token_task(args.data, data["tokens"])
     layer = first_layer(base)
     tokens = isinstance(layer, nn.Embedding)
-    if args.data is not None:
-        X, y = _load_data(args.data)
+    if data is not None:
+        X, y = data["X"], data["y"]
         if tokens and X.is_floating_point():
             raise CommandError(f"--data {args.data}: the base takes {expected_input(base)}, got X of dtype {X.dtype}")
         task = _task(X, y, tokens=tokens, standardize=standardize)
@@ -361,7 +399,7 @@ def _base_task(args, base: nn.Module, standardize: bool) -> Task:
     return task
 
 
-def _check_base(args, base: nn.Module, bench: Benchmark) -> None:
+def _check_base(args, base: nn.Module, bench: Benchmark, loss: str) -> None:
     """Before any training: the data fit the base and every candidate grows from it."""
     if args.data is not None:
         source = f"--data {args.data}"
@@ -370,7 +408,7 @@ def _check_base(args, base: nn.Module, bench: Benchmark) -> None:
     else:
         source = "--data: not given, and the built-in digits"
     try:
-        C.check_data(base, bench.task)
+        C.check_data(base, bench.task, loss=loss)
     except ValueError as err:
         takes = f"; the base takes {expected_input(base)}" if str(err).startswith("the data do not fit") else ""
         tail = "" if args.data is not None or args.task is not None else "; give the base's data with --data FILE"
@@ -427,8 +465,9 @@ def _write_csv(result: C.CompareResult, path: Path) -> None:
 
 def _tables(result: C.CompareResult, say) -> None:
     default = result.settings["default_estimator"]
+    what = "next-token-accuracy" if result.settings.get("loss") == "lm" else "test-accuracy"
     say(f"\nRanking by manifold size ({default}; mean over {result.settings['seeds']} seeds, "
-        f"gains in test-accuracy points):")
+        f"gains in {what} points):")
     say(f"{'rank':>4}  {'candidate':34s} {'params':>7} {'size':>8} {'gain':>7} {'± sd':>6} {'vs control':>10}")
     for r in result.ranking:
         say(f"{r['rank']:>4}  {r['candidate'][:34]:34s} {r['parameters']:>7} {_fmt(r['size']):>8} "
@@ -452,7 +491,8 @@ def _base_summary(result: C.CompareResult, say) -> None:
     acc = sum(b["test_accuracy"] for b in bases) / len(bases)
     loss = sum(b["test_loss"] for b in bases) / len(bases)
     mean = f" (mean over {len(bases)} seeds)" if len({b["test_accuracy"] for b in bases}) > 1 else ""
-    say(f"\nbase{mean}: test accuracy {100 * acc:.1f}% (chance {100 * bases[0]['chance_accuracy']:.1f}%), "
+    what = "next-token accuracy" if result.settings.get("loss") == "lm" else "accuracy"
+    say(f"\nbase{mean}: test {what} {100 * acc:.1f}% (chance {100 * bases[0]['chance_accuracy']:.1f}%), "
         f"test loss {loss:.3g}")
     for w in result.warnings:
         say(f"warning: {w}")
