@@ -18,27 +18,12 @@ from manifold_ext.cli import bench, main
 from manifold_ext.cli._load import load_checkpoint
 from manifold_ext.expand import Deepen, ExpansionReport, Widen, expand
 
+from _cli import error as _error, run as _run
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _error(capsys, command, *argv):
-    """Run a command that must fail on bad input: exit 2, one line on stderr; the message."""
-    code, out, err = _run(capsys, command, *argv)
-    assert code == 2, (out, err)
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    prefix = f"manifold-ext {command}: error: "
-    assert lines[0].startswith(prefix), err
-    return lines[0][len(prefix):]
 
 
 def _strip_seconds(obj):

@@ -17,6 +17,8 @@ from manifold_ext.cli._args import resolve_device
 from manifold_ext.cli._load import load_checkpoint
 from manifold_ext.expand import Widen, expand
 
+from _cli import error as _error, run as _run
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 TOML = """
@@ -58,23 +60,6 @@ def _hostile(tmp_path, name="evil.pt"):
     marker = tmp_path / "marker"
     torch.save(Payload(marker), tmp_path / name)
     return tmp_path / name, marker
-
-
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _error(capsys, command, *argv):
-    """Exit status 2 and one line on stderr: the message."""
-    code, out, err = _run(capsys, command, *argv)
-    assert code == 2, (out, err)
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    prefix = f"manifold-ext {command}: error: "
-    assert lines[0].startswith(prefix), err
-    return lines[0][len(prefix):]
 
 
 def _pickled(head, tail):
