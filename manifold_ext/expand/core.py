@@ -9,15 +9,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..outputs import logits as logits_of
 from . import _layers as L
-from .depth import deepen_all
-from .resnet import deepen_resnet, widen_resnet
+from .registry import family_of
 from .report import ExpansionReport
 from .specs import Deepen, Widen
-from .transformer import deepen_transformer, widen_transformer
-from .width import widen_all
-
-DEFAULT_CHECK_BATCH = 64
 
 
 def expand(
@@ -33,43 +29,33 @@ def expand(
     choices, fresh weights, noise) come from ``generator`` (a CPU ``torch.Generator``), or from
     the global RNG when it is None.
 
+    The operators come from the model's family (:func:`manifold_ext.expand.registry.family_of`).
     The preservation error ``max |expanded(x) - base(x)|`` is measured in eval mode on
-    ``check_inputs``; when None and the first module is an ``nn.Linear``, on
-    ``DEFAULT_CHECK_BATCH`` standard-normal inputs drawn from a fixed seed (so the caller's RNG
-    is untouched); for a ``ResNetCNN``, on 8x8 images drawn the same way; for a ``TinyTransformer``,
-    on random token ids of its full ``length``. Another convolutional
-    model has no default (its input's spatial size is unknown):
-    pass ``check_inputs`` to measure it. Returns ``(expanded_model, ExpansionReport)``.
+    ``check_inputs``; when None, on the family's default inputs, drawn from a fixed seed (so the
+    caller's RNG is untouched): for an ``nn.Sequential`` starting with an ``nn.Linear``,
+    standard-normal inputs; for a ``ResNetCNN``, 8x8 images; for a ``TinyTransformer``, random
+    token ids of its full ``length``. Another convolutional model has no default (its input's
+    spatial size is unknown): pass ``check_inputs`` to measure it. Returns
+    ``(expanded_model, ExpansionReport)``.
     """
-    from ..models import ResNetCNN, TinyTransformer
-
-    resnet = isinstance(model, ResNetCNN)
-    transformer = isinstance(model, TinyTransformer)
-    if not (resnet or transformer):
-        L.children(model)  # the type check, before any work
+    family = family_of(model)  # the type check, before any work
     for s in specs:
         if not isinstance(s, (Widen, Deepen)):
             raise TypeError(f"expand: each spec must be a Widen or Deepen, got {type(s).__name__}: {s!r}")
     new = copy.deepcopy(model)
     changes, touched = [], []
     for s in specs:
-        if resnet or transformer:
-            if transformer:
-                step = (widen_transformer if isinstance(s, Widen) else deepen_transformer)(new, s, generator)
-            else:
-                step = (widen_resnet if isinstance(s, Widen) else deepen_resnet)(new, s, generator)
-            touched += [m for m, _ in step]
-            changes += [c for _, c in step]
-            continue
-        step = (widen_all if isinstance(s, Widen) else deepen_all)(new, s, generator)
-        changes += step
-        touched += [new._modules[c.path] for c in step]
+        step = (family.widen if isinstance(s, Widen) else family.deepen)(new, s, generator)
+        touched += [m for m, _ in step]
+        changes += [c for _, c in step]
+        if family.finish is not None:
+            family.finish(new)
     # A later Deepen renumbers the Sequential: report every change under its final path.
     final = {id(m): name for name, m in new.named_modules()}
     for c, m in zip(changes, touched):
         c.path = final[id(m)]
     if check_inputs is None:
-        check_inputs = _default_inputs(model)
+        check_inputs = family.default_inputs(model)
     err = None if check_inputs is None else preservation_error(model, new, check_inputs)
     report = ExpansionReport(
         params_before=L.n_params(model),
@@ -83,35 +69,15 @@ def expand(
     return new, report
 
 
-def _default_inputs(model: nn.Module) -> Optional[Tensor]:
-    from ..models import ResNetCNN, TinyTransformer
-
-    if isinstance(model, TinyTransformer):  # token ids of the full length
-        g = torch.Generator().manual_seed(0)
-        x = torch.randint(0, model.tok.num_embeddings, (DEFAULT_CHECK_BATCH, model.length), generator=g)
-        return x.to(model.tok.weight.device)
-    if isinstance(model, ResNetCNN):  # built for small images: check on 8x8 ones
-        w = model.stem[0].weight
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(DEFAULT_CHECK_BATCH, model.in_channels, 8, 8, generator=g)
-        return x.to(device=w.device, dtype=w.dtype)
-    kids = list(model.children())
-    if not kids or not isinstance(kids[0], nn.Linear):
-        return None
-    w = kids[0].weight
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(DEFAULT_CHECK_BATCH, kids[0].in_features, generator=g)
-    return x.to(device=w.device, dtype=w.dtype)
-
-
 @torch.no_grad()
 def preservation_error(base: nn.Module, expanded: nn.Module, inputs: Tensor) -> float:
-    """``max |expanded(inputs) - base(inputs)|`` in eval mode; both models' modes are restored."""
+    """``max |expanded(inputs) - base(inputs)|`` over the logits (a tensor, or a Hugging Face
+    ``ModelOutput``'s ``.logits``), in eval mode; both models' modes are restored."""
     modes = [(m, m.training) for net in (base, expanded) for m in net.modules()]
     try:
         base.eval()
         expanded.eval()
-        return (expanded(inputs).float() - base(inputs).float()).abs().max().item()
+        return (logits_of(expanded(inputs)).float() - logits_of(base(inputs)).float()).abs().max().item()
     finally:
         for m, t in modes:
             m.train(t)

@@ -57,6 +57,7 @@ from torch import nn
 
 from . import _layers as L
 from .report import LayerChange
+from .registry import Family
 from .specs import Deepen
 
 
@@ -261,3 +262,21 @@ def _widen_stage(model, spec, generator: Optional[torch.Generator]) -> list:
                 "producers": [where[id(x)] for x in producers], "batchnorms": [where[id(x)] for x in bns],
                 "consumers": [where[id(x)] for x in consumers]},
     ))]
+
+
+def _is_resnet(model: nn.Module) -> bool:
+    from ..models import ResNetCNN
+
+    return isinstance(model, ResNetCNN)
+
+
+def _default_inputs(model: nn.Module) -> Optional[torch.Tensor]:
+    """Standard-normal 8x8 images (what the ResNetCNN is built for), from a fixed seed."""
+    w = model.stem[0].weight
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, model.in_channels, 8, 8, generator=g)
+    return x.to(device=w.device, dtype=w.dtype)
+
+
+FAMILY = Family(name="manifold_ext.models.ResNetCNN", matches=_is_resnet, widen=widen_resnet,
+                deepen=deepen_resnet, default_inputs=_default_inputs)

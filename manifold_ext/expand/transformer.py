@@ -83,6 +83,7 @@ import torch
 from torch import nn
 
 from . import _layers as L
+from .registry import Family
 from .report import LayerChange
 from .specs import Deepen, Widen
 from .width import _plan, widen
@@ -402,3 +403,20 @@ def _widen_embedding(model, spec: Widen, generator) -> LayerChange:
         detail={"residual_width": [D, m], "copies": k, "mean_units": n_mean, "fresh": n_fresh,
                 "eps_scale": shrink, "layernorms": len(lns), "writers": len(writers) + 2, "readers": len(readers)},
     )
+
+
+def _is_transformer(model: nn.Module) -> bool:
+    from ..models import TinyTransformer
+
+    return isinstance(model, TinyTransformer)
+
+
+def _default_inputs(model: nn.Module) -> Optional[torch.Tensor]:
+    """Random token ids of the model's full length, from a fixed seed."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, model.tok.num_embeddings, (64, model.length), generator=g)
+    return x.to(model.tok.weight.device)
+
+
+FAMILY = Family(name="manifold_ext.models.TinyTransformer", matches=_is_transformer,
+                widen=widen_transformer, deepen=deepen_transformer, default_inputs=_default_inputs)
