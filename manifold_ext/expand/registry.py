@@ -2,13 +2,15 @@
 
 ``expand`` asks :func:`family_of` for the first family of :func:`families` whose ``matches``
 accepts the model, and applies its ``widen``/``deepen`` step to each spec. Adding a family (a
-Hugging Face or torchvision architecture, say) is one module that defines a ``FAMILY`` and one
-entry in :func:`families`; the more specific families come first, and the ``nn.Sequential``
-family, which takes any model and refuses what is not an ``nn.Sequential``, comes last.
+Hugging Face or torchvision architecture, say) is one module that defines a ``FAMILY`` and its
+name in ``_MODULES``; the more specific families come first, and the ``nn.Sequential`` family,
+which takes any model and refuses what is not an ``nn.Sequential``, comes last. A family's
+``matches`` must not import an optional library (it tests the model's class by name and module).
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
@@ -44,11 +46,14 @@ class Family:
     finish: Optional[Callable[[nn.Module], None]] = None
 
 
-def families() -> Tuple[Family, ...]:
-    """Every family, most specific first (imported here: the family modules import this one)."""
-    from . import resnet, sequential, transformer
+# The family modules, most specific first; the nn.Sequential family takes any model, so it is last.
+_MODULES = ("hf_llama", "tv_resnet", "resnet", "transformer", "sequential")
 
-    return (resnet.FAMILY, transformer.FAMILY, sequential.FAMILY)
+
+def families() -> Tuple[Family, ...]:
+    """Every family, in the order :func:`family_of` tries them (imported here: the family modules
+    import this one)."""
+    return tuple(importlib.import_module(f".{name}", __package__).FAMILY for name in _MODULES)
 
 
 def family_of(model: nn.Module) -> Family:
