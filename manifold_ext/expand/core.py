@@ -72,12 +72,22 @@ def expand(
 @torch.no_grad()
 def preservation_error(base: nn.Module, expanded: nn.Module, inputs: Tensor) -> float:
     """``max |expanded(inputs) - base(inputs)|`` over the logits (a tensor, or a Hugging Face
-    ``ModelOutput``'s ``.logits``), in eval mode; both models' modes are restored."""
+    ``ModelOutput``'s ``.logits``; a headless model's ``last_hidden_state``), in eval mode; both
+    models' modes are restored."""
     modes = [(m, m.training) for net in (base, expanded) for m in net.modules()]
     try:
         base.eval()
         expanded.eval()
-        return (logits_of(expanded(inputs)).float() - logits_of(base(inputs)).float()).abs().max().item()
+        return (_output(expanded(inputs)) - _output(base(inputs))).abs().max().item()
     finally:
         for m, t in modes:
             m.train(t)
+
+
+def _output(out) -> Tensor:
+    """What a model's output is compared on: its logits, or a headless Hugging Face model's
+    ``last_hidden_state``."""
+    hidden = getattr(out, "last_hidden_state", None)
+    if getattr(out, "logits", None) is None and isinstance(hidden, Tensor):
+        return hidden.float()
+    return logits_of(out).float()
