@@ -66,9 +66,7 @@ in width cannot be described by its config (it would not reload).
   embedding columns are copied; use ``zero``). ``random``: fresh units everywhere, eps and
   gains unchanged: not preserving.
 
-For a ``LlamaModel`` (no LM head) ``default_inputs`` is None: its output has no ``.logits``,
-which ``preservation_error`` reads, so ``report.preservation_error`` is None; compare
-``last_hidden_state`` yourself.
+For a ``LlamaModel`` (no LM head) ``report.preservation_error`` compares ``last_hidden_state``.
 
 Measured max errors (float32, eval, 30 random models: 3 configs (width/heads/kv 32/4/2 untied,
 24/6/2 tied, 32/4/1 tied, 2-3 layers) x 10 seeds, random RMSNorm weights, 64 x 16 token ids),
