@@ -47,7 +47,7 @@ class Family:
 
 
 # The family modules, most specific first; the nn.Sequential family takes any model, so it is last.
-_MODULES = ("hf_llama", "tv_resnet", "resnet", "transformer", "sequential")
+_MODULES = ("hf_gpt2", "hf_llama", "tv_resnet", "resnet", "transformer", "sequential")
 
 
 def families() -> Tuple[Family, ...]:

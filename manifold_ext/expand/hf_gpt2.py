@@ -1,0 +1,521 @@
+"""Growth operators for Hugging Face GPT-2 models (``GPT2LMHeadModel``, ``GPT2Model``).
+
+The family matches by class name and ``type(model).__module__`` (``transformers.*``): this module
+never imports ``transformers`` (it works on the model's modules and config only).
+Paths are those of the model: ``transformer.h.<i>`` for a ``GPT2LMHeadModel``, ``h.<i>`` for a
+``GPT2Model`` (``fnmatch`` globs allowed, e.g. ``"transformer.h.*.mlp"``). A block is pre-LN:
+``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``; its ``Conv1D`` layers store their weights as
+``(in, out)``: ``attn.c_attn`` ``(D, 3D)``, ``attn.c_proj`` ``(D, D)``, ``mlp.c_fc`` ``(D, inner)``,
+``mlp.c_proj`` ``(inner, D)``.
+
+* ``Widen("transformer.h.<i>.mlp", factor|size)``: the feed-forward width (``n_inner``, counted in
+  units): ``c_fc``'s outputs and ``mlp.c_proj``'s inputs, grown by ``width.widen`` (the code that
+  grows an MLP's hidden layer; the Conv1D weights are handed to it transposed, as ``nn.Linear``
+  ones, and written back as ``(in, out)``). ``net2net``: new units copy existing ones (their
+  ``c_fc`` columns and biases), drawn without replacement in rounds (copy counts differ by at most
+  one); each source's ``c_proj`` row is divided by its number of copies: exact (the activation,
+  ``gelu_new`` by default, is elementwise). ``zero``: fresh ``c_fc`` columns (``nn.Linear``'s
+  default U(+-1/sqrt(D)) init, as ``width.widen`` draws them), zero ``c_proj`` rows: exact.
+  ``random``: fresh ``c_proj`` rows too: not preserving. ``noise > 0`` adds N(0, noise^2) to the
+  new weights: not preserving. ``GPT2Config.n_inner`` is one number for every block, so a width
+  spec must leave every block with the same width: widen all blocks at once (``"transformer.h.*.mlp"``);
+  widening a subset is refused with a ValueError (the grown model would not reload).
+* ``Widen("transformer.h.<i>.attn", ...)`` (more attention heads): **refused** (ValueError).
+  ``GPT2Attention`` ties the attention width to the residual width: it computes
+  ``head_dim = n_embd // n_head``, builds ``c_attn`` as ``Conv1D(3 * n_embd, n_embd)`` and
+  ``c_proj`` as ``Conv1D(n_embd, n_embd)``, and splits q/k/v by ``split_size = n_embd``;
+  ``GPT2Config`` has no ``head_dim``. Adding heads with the head dimension kept makes the
+  attention width ``n_head * head_dim > n_embd``, which a ``GPT2Config`` cannot describe:
+  it would run in memory (after patching ``split_size``) but ``from_pretrained`` would rebuild
+  the heads with ``head_dim = n_embd // n_head`` (or fail on the shapes). Keeping the attention
+  width instead (a smaller ``head_dim``) repartitions the existing heads and changes the
+  function. Neither is a function-preserving growth that reloads, so none is offered.
+  A glob (``"transformer.h.*"``, ``"*"``) skips the attention modules; an exact ``attn`` path,
+  or a glob that matches only attention modules, is the ValueError.
+* ``Deepen(after="transformer.h.<i>", count, init)``: inserts blocks after block ``i`` (the
+  ``nn.ModuleList`` ``h`` is renumbered; every block's ``attn.layer_idx``, used by the KV cache,
+  is reset to its index; ``config.n_layer`` follows). ``zero``: a fresh block (``Conv1D`` weights
+  N(0, initializer_range), biases 0, LayerNorms gain 1 bias 0, as Hugging Face initialises them)
+  whose ``attn.c_proj`` and ``mlp.c_proj`` weights and biases are zero: both residual branches add
+  0, the block is the identity: exact. ``random``: the same, with ``c_proj`` weights
+  N(0, initializer_range / sqrt(2 * n_layer)) (GPT-2's scaled init): not preserving. ``copy``: a
+  copy of block ``i`` (progressive stacking, G_stack): not preserving. ``identity``: refused (use
+  ``zero``). With ``config.scale_attn_by_inverse_layer_idx`` (attention scaled by
+  ``1 / (layer_idx + 1)``, fixed when a block is built), inserting before an existing block would
+  change that block's scale: refused (ValueError) unless the new blocks go after the last one.
+  ``noise > 0`` adds N(0, noise^2) to every Conv1D weight of a new block: not preserving.
+
+``finish`` brings the config up to date after every spec (``n_inner``, ``n_layer``; ``n_head``
+never changes), so the grown model saves with ``save_pretrained``, reloads with
+``from_pretrained`` and generates. The preservation check's default inputs are 64 random token
+sequences of length ``min(n_positions, 16)`` from a fixed seed (a headless ``GPT2Model`` is
+compared on its ``last_hidden_state``).
+
+* ``Widen("transformer.wte", factor|size, init)`` (exact path only; globs such as ``"*"`` do not
+  select it; ``GPT2LMHeadModel`` only): the residual width ``n_embd`` D -> m, as
+  ``transformer._widen_embedding`` does for TinyTransformer. Since GPT-2's attention width *is*
+  ``n_embd`` (``head_dim = n_embd // n_head``), it grows too: ``n_head`` is kept and ``head_dim``
+  grows from ``D / n_head`` to ``m / n_head`` (so m must be a multiple of ``n_head``, else
+  ValueError). Writers of the stream (``wte``/``wpe`` columns, every ``c_proj``'s output columns and
+  bias), every LayerNorm (``ln_1``, ``ln_2``, ``ln_f``) and readers (the input rows of ``c_attn``
+  and ``c_fc``; ``lm_head``) grow together. ``net2net``: ``m = k*D + r``: unit ``j < k*D`` copies
+  unit ``j mod D`` (writers copied, reader rows divided by k), the r remainder units are *mean
+  units* (writer columns the mean of the existing ones, reader rows zero); the LayerNorm variance
+  then shrinks by the constant ``s = k*D/m``, undone by ``eps * s`` (``config.layer_norm_epsilon``
+  follows) and gains ``* sqrt(s)``; mean units normalise to 0 (gain 1, bias 0). ``lm_head`` is tied
+  to ``wte`` (its columns are the copied writer columns, not divided): instead ``ln_f``'s gain and
+  bias are divided by k (``ln_f`` feeds only ``lm_head``); an untied ``lm_head`` is a reader.
+  Each head gets ``m/n - D/n`` new dimensions: zero q, k and v columns in ``c_attn`` (and bias)
+  and zero ``attn.c_proj`` rows, so the scores ``q.k`` and the outputs are unchanged; the q
+  columns are multiplied by ``sqrt(head_dim'/head_dim)`` to undo the new ``1/sqrt(head_dim')``
+  scale (not with ``scale_attn_weights=False``): exact. ``zero``: k = 1, all new units are mean
+  units: exact. ``random``: fresh units and head dimensions, N(0, initializer_range): not
+  preserving. Refused for a ``GPT2Model`` (its output is the residual stream: the output shape
+  would change) and with ``add_cross_attention`` (the encoder's width is ``n_embd`` too).
+  ``config.n_embd`` and ``layer_norm_epsilon`` are updated. (Adding heads at a fixed ``head_dim``
+  would need ``n_embd = n_head * head_dim`` to grow by the same amount; not offered.)
+
+Measured max |grown - base| (float32, eval, 20 random configs of width 8 to 32, 1 to 3 blocks,
+1 to 4 heads, with random LayerNorm parameters and Conv1D biases; 16 sequences of 16 tokens;
+logits / LM loss): ff net2net x1.5 and x2: 1.2e-7 / 4.8e-7; ff zero: 0 / 0; depth zero (one
+block, or after every block): 0 / 0; widen+deepen+widen: 1.2e-7 / 0; greedy ``generate`` tokens
+equal the base's in all of them. Residual width net2net x2, net2net to D + 2*n_head, zero x3 (3
+configs): up to 1.5e-7 / 0. Not preserving: ff random x2 up to 0.34 / 6.6e-3, depth copy 0.16 /
+3.5e-3, depth random 1.3e-2 / 3e-4, residual random x2 0.13 to 0.19. tests/test_expand_gpt2.py
+checks 1e-5.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import _layers as L
+from .registry import Family
+from .report import LayerChange
+from .specs import Deepen, Widen
+from .transformer import select
+from .width import widen
+
+_CLASSES = ("GPT2LMHeadModel", "GPT2Model")
+
+
+def _matches(model: nn.Module) -> bool:
+    t = type(model)
+    return t.__name__ in _CLASSES and t.__module__.startswith("transformers.")
+
+
+def _prefix(model) -> str:
+    """The path prefix of the block list: ``"transformer.h"`` or ``"h"``."""
+    return "transformer.h" if hasattr(model, "transformer") else "h"
+
+
+def _base(model):
+    return model.transformer if hasattr(model, "transformer") else model
+
+
+def _blocks(model) -> nn.ModuleList:
+    return _base(model).h
+
+
+def _widenable(model) -> str:
+    p = _prefix(model)
+    return (f"{p}.<i>.mlp (feed-forward units; every block at once, e.g. '{p}.*.mlp'); "
+            f"by exact path only: '{p[:-1]}wte' (the residual width n_embd, GPT2LMHeadModel only); "
+            f"attention heads ({p}.<i>.attn) cannot be added")
+
+
+def _shape(t) -> list:
+    return [int(s) for s in t.shape]
+
+
+# --- feed-forward width ---------------------------------------------------------------------------
+
+def _as_linear(conv) -> nn.Linear:
+    """An ``nn.Linear`` computing what the Conv1D ``conv`` does (weight transposed, copied)."""
+    w = conv.weight.detach()
+    lin = nn.Linear(w.shape[0], w.shape[1], bias=conv.bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w.t())
+        if conv.bias is not None:
+            lin.bias.copy_(conv.bias.detach())
+    return lin
+
+
+def _write_back(conv, lin: nn.Linear) -> None:
+    """Store ``lin``'s parameters into the Conv1D ``conv`` as ``(in, out)``."""
+    L.replace_param(conv, "weight", lin.weight.detach().t().contiguous())
+    if conv.bias is not None:
+        L.replace_param(conv, "bias", lin.bias.detach())
+    conv.nx, conv.nf = conv.weight.shape
+
+
+def _widen_mlp(path: str, mlp, m: int, spec: Widen, generator) -> LayerChange:
+    fc, proj = mlp.c_fc, mlp.c_proj
+    before = {"c_fc": _shape(fc.weight), "c_proj": _shape(proj.weight)}
+    D, n = fc.weight.shape
+    # nn.GELU stands for the (elementwise) activation: width.widen only needs it to act per unit.
+    seq = nn.Sequential(OrderedDict(c_fc=_as_linear(fc), act=nn.GELU(), c_proj=_as_linear(proj)))
+    change = widen(seq, 0, m, spec.init, spec.noise, generator)
+    _write_back(fc, seq.c_fc)
+    _write_back(proj, seq.c_proj)
+    return LayerChange(
+        op="widen", path=path, kind="GPT2MLP", init=spec.init, before=[int(D), int(n)], after=[int(D), m],
+        exact=change.exact, note=change.note.replace("random new units", "random new units (fresh c_proj rows)"),
+        detail={**change.detail, "n_inner": [int(n), m], "weights_before": before,
+                "weights_after": {"c_fc": _shape(fc.weight), "c_proj": _shape(proj.weight)}},
+    )
+
+
+def widen_gpt2(model, spec: Widen, generator: Optional[torch.Generator]) -> list:
+    """Apply one Widen spec to a GPT-2 in place (it is already a copy); return ``(mlp, LayerChange)``
+    pairs. See the module docstring."""
+    p = _prefix(model)
+    if spec.target == p[:-1] + "wte":
+        return [(_base(model).wte, _widen_residual(model, spec, generator))]
+    blocks = _blocks(model)
+    cands = []
+    for name in blocks._modules:
+        cands += [(f"{p}.{name}.mlp", "ff"), (f"{p}.{name}.attn", "heads")]
+    hits = select(model, spec, cands, _widenable(model))
+    ff = [h for h in hits if h[1] == "ff"]
+    if not ff:  # only attention modules were named
+        raise ValueError(
+            f"Widen.target={spec.target!r}: cannot add attention heads to GPT-2: GPT2Attention ties the "
+            "attention width to n_embd (head_dim = n_embd // n_head, c_attn is Conv1D(3 * n_embd, n_embd), "
+            "q/k/v are split by n_embd) and GPT2Config has no head_dim, so more heads of the same head_dim "
+            "would not reload with from_pretrained, and more heads of a smaller head_dim change the function; "
+            f"widenable: {_widenable(model)}"
+        )
+    # GPT2Config.n_inner is one number: every block must end with the same feed-forward width.
+    new = {}
+    for path, _ in ff:
+        fc = blocks._modules[path[len(p) + 1:].split(".")[0]].mlp.c_fc
+        new[path] = spec.new_width(path, "GPT2MLP", fc.weight.shape[1])
+    widths = {}
+    for name, blk in blocks._modules.items():
+        path = f"{p}.{name}.mlp"
+        widths[path] = new.get(path, int(blk.mlp.c_fc.weight.shape[1]))
+    if len(set(widths.values())) > 1:
+        raise ValueError(
+            f"Widen.target={spec.target!r}: GPT2Config.n_inner is one feed-forward width for every block, so "
+            f"all blocks must keep the same width (this spec would leave {widths}); widen every block at once, "
+            f"e.g. Widen('{p}.*.mlp', ...)"
+        )
+    out = []
+    for path, _ in ff:
+        mlp = blocks._modules[path[len(p) + 1:].split(".")[0]].mlp
+        out.append((mlp, _widen_mlp(path, mlp, new[path], spec, generator)))
+    return out
+
+
+# --- residual width -------------------------------------------------------------------------------
+
+def _widen_residual(model, spec: Widen, generator) -> LayerChange:
+    """Grow ``n_embd`` D -> m (and with it the attention width and ``head_dim``), see the module
+    docstring."""
+    base = _base(model)
+    cfg = model.config
+    path = spec.target
+    D = int(base.wte.weight.shape[1])
+    m = spec.new_width(path, "Embedding", D)
+    if not hasattr(model, "lm_head"):
+        raise ValueError(f"Widen.target={path!r}: the residual width of a GPT2Model is its output "
+                         "(last_hidden_state) width; widen a GPT2LMHeadModel's 'transformer.wte' instead")
+    if getattr(cfg, "add_cross_attention", False):
+        raise ValueError(f"Widen.target={path!r}: a GPT-2 with cross-attention (add_cross_attention) reads an "
+                         "encoder's hidden states of width n_embd; its residual width is not grown")
+    n = int(cfg.n_head)
+    if m % n:
+        raise ValueError(f"Widen.target={path!r}: GPT-2's attention width is n_embd and head_dim = n_embd // n_head, "
+                         f"so the new width must be a multiple of n_head={n}, got {m}")
+    hd, hd2 = D // n, m // n
+    if spec.init == "net2net":
+        k, n_mean, n_fresh = m // D, m % D, 0
+    elif spec.init == "zero":
+        k, n_mean, n_fresh = 1, m - D, 0
+    else:
+        k, n_mean, n_fresh = 1, 0, m - D
+    g = torch.arange(k * D) % D
+    shrink = (k * D) / (k * D + n_mean)
+    std = float(getattr(cfg, "initializer_range", 0.02))
+    noise = spec.noise
+    head = model.lm_head
+    tied = head.weight is base.wte.weight
+
+    def grow(t, dim, fresh_std=std):
+        t = t.detach()
+        parts = [t.index_select(dim, g.to(t.device))]
+        shape = list(t.shape)
+        if n_mean:
+            shape[dim] = n_mean
+            parts.append(t.mean(dim, keepdim=True).expand(shape))
+        if n_fresh:
+            shape[dim] = n_fresh
+            parts.append(L.gaussian(tuple(shape), fresh_std, t, generator))
+        out = torch.cat(parts, dim).clone()
+        if noise and m > D:
+            sl = [slice(None)] * out.dim()
+            sl[dim] = slice(D, None)
+            out[tuple(sl)] += L.gaussian(out[tuple(sl)].shape, noise, out, generator)
+        return out
+
+    def read(w, dim):
+        """A reader's weight along the residual dim: copies divided by k, zero for mean units."""
+        w = w.detach()
+        parts = [w.index_select(dim, g.to(w.device)) / k]
+        shape = list(w.shape)
+        shape[dim] = m - k * D
+        parts.append(L.gaussian(tuple(shape), std, w, generator) if n_fresh else w.new_zeros(shape))
+        out = torch.cat(parts, dim)
+        if noise and m > D:
+            sl = [slice(None)] * out.dim()
+            sl[dim] = slice(D, None)
+            out[tuple(sl)] += L.gaussian(out[tuple(sl)].shape, noise, out, generator)
+        return out
+
+    def pad_heads(t, dim, parts_n, q_scale, fill_std):
+        """Along ``dim`` (``parts_n`` blocks of n heads of hd): every head gets hd2 - hd new dims
+        (zero, or N(0, fill_std) for random), the q block (block 0) scaled by ``q_scale``."""
+        t = t.detach()
+        shape = list(t.shape)
+        shape[dim:dim + 1] = [parts_n, n, hd]
+        v = t.reshape(shape)
+        if q_scale != 1.0:
+            v = v.clone()
+            v.select(dim, 0).mul_(q_scale)
+        pad = list(shape)
+        pad[dim + 2] = hd2 - hd
+        extra = L.gaussian(tuple(pad), fill_std, t, generator) if fill_std else t.new_zeros(pad)
+        out = torch.cat([v, extra], dim + 2)
+        new_shape = list(t.shape)
+        new_shape[dim] = parts_n * n * hd2
+        return out.reshape(new_shape)
+
+    fresh_heads = std if spec.init == "random" else 0.0
+    lns = [base.ln_f] + [ln for b in base.h for ln in (b.ln_1, b.ln_2)]
+    gain_ok = True
+    with torch.no_grad():
+        for emb in (base.wte, base.wpe):
+            L.replace_param(emb, "weight", grow(emb.weight, 1))
+            emb.embedding_dim = m
+        for ln in lns:
+            extra = m - k * D
+            scale = 1.0 / k if (ln is base.ln_f and tied) else 1.0
+            if ln.weight is not None:
+                w = ln.weight.detach()
+                L.replace_param(ln, "weight", torch.cat([w[g.to(w.device)] * (math.sqrt(shrink) * scale),
+                                                         w.new_ones(extra)]))
+            elif shrink != 1.0 or scale != 1.0:
+                gain_ok = False
+            if ln.bias is not None:
+                b = ln.bias.detach()
+                L.replace_param(ln, "bias", torch.cat([b[g.to(b.device)] * scale, b.new_zeros(extra)]))
+            ln.eps = ln.eps * shrink
+            ln.normalized_shape = (m,)
+        qs = math.sqrt(hd2 / hd) if getattr(cfg, "scale_attn_weights", True) else 1.0
+        for blk in base.h:
+            att, mlp = blk.attn, blk.mlp
+            # c_attn (D, 3D): residual rows read, then every head padded to hd2 (q scaled for the new 1/sqrt(hd2))
+            w = pad_heads(read(att.c_attn.weight, 0), 1, 3, qs, fresh_heads)
+            L.replace_param(att.c_attn, "weight", w)
+            L.replace_param(att.c_attn, "bias", pad_heads(att.c_attn.bias, 0, 3, qs, fresh_heads))
+            att.c_attn.nx, att.c_attn.nf = w.shape
+            # attn c_proj (D, D): new head dims' rows zero (fresh for random), residual columns written
+            w = pad_heads(att.c_proj.weight, 0, 1, 1.0, fresh_heads)
+            L.replace_param(att.c_proj, "weight", grow(w, 1))
+            L.replace_param(att.c_proj, "bias", grow(att.c_proj.bias, 0, 0.0))
+            att.c_proj.nx, att.c_proj.nf = att.c_proj.weight.shape
+            att.embed_dim = att.split_size = m
+            att.head_dim = hd2
+            if getattr(cfg, "scale_attn_weights", True):
+                att.scaling = att.scaling * math.sqrt(hd / hd2)
+            L.replace_param(mlp.c_fc, "weight", read(mlp.c_fc.weight, 0))
+            mlp.c_fc.nx = m
+            L.replace_param(mlp.c_proj, "weight", grow(mlp.c_proj.weight, 1))
+            L.replace_param(mlp.c_proj, "bias", grow(mlp.c_proj.bias, 0, 0.0))
+            mlp.c_proj.nf = m
+        if tied:
+            head.weight = base.wte.weight
+        else:
+            L.replace_param(head, "weight", read(head.weight, 1))
+        head.in_features = m
+        base.embed_dim = m
+    for c in {id(model.config): model.config, id(base.config): base.config}.values():
+        c.n_embd = m
+        c.layer_norm_epsilon = c.layer_norm_epsilon * shrink
+    if spec.init == "random" and m > D:
+        exact, note = False, ("random: fresh residual units (wte/wpe columns, c_proj columns, c_attn/c_fc rows) and "
+                              "head dims: not preserving")
+    else:
+        parts = [f"head_dim {hd} -> {hd2} (new q/k/v dims and their c_proj rows zero, q scaled by "
+                 f"sqrt({hd2}/{hd}))"]
+        if k > 1:
+            parts.append(f"every residual unit duplicated {k} times (reader rows divided by {k}"
+                         + (", ln_f scaled by 1/k for the tied lm_head" if tied else "") + ")")
+        if n_mean:
+            parts.append(f"{n_mean} mean units (LayerNorm eps x{shrink:.6g}, gains x its sqrt)")
+        exact = gain_ok
+        note = f"{spec.init}: " + "; ".join(parts) + (": exact" if exact else ": a LayerNorm without gain: not preserving")
+    if noise and m > D:
+        exact, note = False, note + f"; noise std {noise}: not preserving"
+    return LayerChange(
+        op="widen", path=path, kind="Embedding", init=spec.init, before=[D], after=[m], exact=exact, note=note,
+        detail={"n_embd": [D, m], "head_dim": [hd, hd2], "copies": k, "mean_units": n_mean, "fresh": n_fresh,
+                "eps_scale": shrink, "tied": tied, "layernorms": len(lns),
+                "weights_after": {"wte": _shape(base.wte.weight), "wpe": _shape(base.wpe.weight),
+                                  "c_attn": _shape(base.h[0].attn.c_attn.weight),
+                                  "attn.c_proj": _shape(base.h[0].attn.c_proj.weight),
+                                  "c_fc": _shape(base.h[0].mlp.c_fc.weight),
+                                  "mlp.c_proj": _shape(base.h[0].mlp.c_proj.weight)}},
+    )
+
+
+# --- depth ----------------------------------------------------------------------------------------
+
+def _conv1ds(block) -> list:
+    return [m for m in block.modules() if type(m).__name__ == "Conv1D"]
+
+
+def _projections(block) -> list:
+    """The Conv1D layers writing to the residual stream: every attention's and the mlp's c_proj."""
+    out = [block.attn.c_proj, block.mlp.c_proj]
+    if hasattr(block, "crossattention"):
+        out.append(block.crossattention.c_proj)
+    return out
+
+
+def _fresh_block(prev, spec: Deepen, config, n_layer: int, generator):
+    block = copy.deepcopy(prev)
+    if spec.init != "copy":
+        std = float(getattr(config, "initializer_range", 0.02))
+        with torch.no_grad():
+            for conv in _conv1ds(block):
+                L.replace_param(conv, "weight", L.gaussian(conv.weight.shape, std, conv.weight, generator))
+                if conv.bias is not None:
+                    conv.bias.zero_()
+            for conv in _projections(block):
+                if spec.init == "zero":
+                    conv.weight.zero_()
+                else:  # GPT-2's scaled init of the residual projections
+                    conv.weight.copy_(L.gaussian(conv.weight.shape, std / math.sqrt(2 * n_layer), conv.weight,
+                                                 generator))
+            for ln in block.modules():
+                if isinstance(ln, nn.LayerNorm):
+                    if ln.weight is not None:
+                        ln.weight.fill_(1.0)
+                    if ln.bias is not None:
+                        ln.bias.zero_()
+    if spec.noise:
+        with torch.no_grad():
+            for conv in _conv1ds(block):
+                conv.weight.add_(L.gaussian(conv.weight.shape, spec.noise, conv.weight, generator))
+    block.train(prev.training)
+    return block
+
+
+def _set_layer_idx(blocks, config) -> None:
+    for i, blk in enumerate(blocks):
+        for att in (getattr(blk, "attn", None), getattr(blk, "crossattention", None)):
+            if att is None:
+                continue
+            att.layer_idx = i
+            if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+                scaling = att.head_dim ** -0.5 if getattr(att, "scale_attn_weights", True) else 1.0
+                att.scaling = scaling / float(i + 1)
+
+
+def deepen_gpt2(model, spec: Deepen, generator: Optional[torch.Generator]) -> list:
+    """Apply one Deepen spec to a GPT-2 in place (it is already a copy): insert ``spec.count``
+    blocks after each selected block; see the module docstring. Returns ``(block, LayerChange)``
+    pairs; the change's ``after`` is ``[n_embd, n_head]`` and ``detail`` holds the weight shapes."""
+    p = _prefix(model)
+    if spec.init == "identity":
+        raise ValueError(
+            f"Deepen.after={spec.after!r}: init='identity' inserts a plain layer, which GPT-2 does not take; use "
+            "init='zero' (a block with zero attn.c_proj and mlp.c_proj: function-preserving), 'random' or 'copy'"
+        )
+    blocks = _blocks(model)
+    paths = [f"{p}.{name}" for name in blocks._modules]
+    hits = L.match_insertion_points(
+        model, spec.after, paths,
+        not_one=f"a GPT2Block of {type(model).__name__}; blocks can only be inserted after a block",
+        listing=f"block of {type(model).__name__}; its blocks are")
+    config = model.config
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False) and any(h != paths[-1] for h in hits):
+        raise ValueError(
+            f"Deepen.after={spec.after!r}: config.scale_attn_by_inverse_layer_idx is set, so every block's "
+            "attention is scaled by 1 / (layer_idx + 1): inserting blocks before an existing block would renumber "
+            f"and rescale it (not preserving, and from_pretrained would do the same); insert after the last "
+            f"block ({paths[-1]!r}) only"
+        )
+    old = list(blocks)
+    n_layer = len(old) + spec.count * len(hits)
+    new_list, out = [], []
+    for i, prev in enumerate(old):
+        new_list.append(prev)
+        if paths[i] not in hits:
+            continue
+        for t in range(spec.count):
+            block = _fresh_block(prev, spec, config, n_layer, generator)
+            new_list.append(block)
+            if spec.init == "zero":
+                exact, note = True, "zero: attn.c_proj and mlp.c_proj (weights and biases) are zero, both residual " \
+                                    "branches add 0: exact"
+            else:
+                exact, note = False, f"{spec.init} block: not preserving"
+            if spec.noise:
+                exact, note = False, note.replace(": exact", "") + f"; noise std {spec.noise}: not preserving"
+            out.append((block, LayerChange(
+                op="deepen", path="", kind="GPT2Block", init=spec.init, before=[],
+                after=[int(block.ln_1.normalized_shape[0]), int(block.attn.num_heads)], exact=exact, note=note,
+                detail={"after": paths[i], "block": t, "params": L.n_params(block),
+                        "n_inner": int(block.mlp.c_fc.weight.shape[1]), "head_dim": int(block.attn.head_dim),
+                        "weights": {name: _shape(mod.weight) for name, mod in block.named_modules()
+                                    if type(mod).__name__ == "Conv1D"}},
+            )))
+    _base(model).h = nn.ModuleList(new_list)
+    _set_layer_idx(new_list, config)
+    where = {id(m): k for k, m in enumerate(new_list)}
+    for block, c in out:
+        c.detail["index"] = where[id(block)]
+    return out
+
+
+# --- config, inputs -------------------------------------------------------------------------------
+
+def _finish(model) -> None:
+    """Bring the config (shared by the model and its ``transformer``) up to date with the shapes."""
+    blocks = _blocks(model)
+    configs = {id(model.config): model.config, id(_base(model).config): _base(model).config}
+    inner = {int(b.mlp.c_fc.weight.shape[1]) for b in blocks}
+    if len(inner) > 1:  # widen_gpt2 refuses this; a guard against hand-edited models
+        raise ValueError(f"GPT-2 blocks have different feed-forward widths {sorted(inner)}: GPT2Config.n_inner "
+                         "cannot describe them")
+    width = next(iter(inner), None)
+    for cfg in configs.values():
+        cfg.n_layer = len(blocks)
+        if width is not None:
+            if cfg.n_inner is not None or width != 4 * cfg.n_embd:
+                cfg.n_inner = width
+        if hasattr(cfg, "layer_types") and getattr(cfg, "layer_types", None) is not None:
+            lt = list(cfg.layer_types)
+            cfg.layer_types = (lt + [lt[-1]] * len(blocks))[: len(blocks)]
+
+
+def _default_inputs(model) -> Optional[torch.Tensor]:
+    """64 random token sequences of length ``min(n_positions, 16)``, from a fixed seed (a headless
+    ``GPT2Model`` is compared on its ``last_hidden_state``)."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (64, min(int(cfg.n_positions), 16)), generator=g)
+    return x.to(_base(model).wte.weight.device)
+
+
+FAMILY = Family(name="Hugging Face GPT-2", matches=_matches, widen=widen_gpt2, deepen=deepen_gpt2,
+                default_inputs=_default_inputs, finish=_finish)
