@@ -15,6 +15,7 @@ fallback for models that cannot run under vmap.
 from __future__ import annotations
 
 import contextlib
+import math
 import copy
 import time
 import warnings
@@ -718,8 +719,11 @@ def evaluate(
             ``"loop"`` (one point at a time, loading its state dict), or ``"auto"`` (default):
             the fused engine for MLPs; the loop for convolutional models whose activations per
             point exceed 8 MiB, on the CPU; for other models, the first points by each engine,
-            timed, and the rest by the faster (a model that cannot run under vmap falls back to
-            the loop, with a warning). The engine used is in the result; the two agree to float32
+            timed and checked against each other, and the rest by the faster (a model that cannot
+            run under vmap, or on which the engines disagree, falls back to the loop, with a
+            warning). The fused engine assumes that a parameter is read only by the module that
+            owns it (a model that reads, say, an embedding table in another module's forward
+            gets that table unmixed): ``"auto"`` catches this, ``"fused"`` does not. The engine used is in the result; the two agree to float32
             rounding, so pass ``"fused"`` or ``"loop"`` for bit-for-bit repeatable results.
         max_memory: bytes the fused engine may use for per-point parameters and activations;
             points are processed in chunks under it. Results do not depend on the chunking.
@@ -801,11 +805,11 @@ def _auto(coeffs: Tensor, is_chain: bool, run_fused, run_loop, quiet: bool):
     the engine benchmark measures); otherwise the loop and the fused engine timed per point
     (without their once-per-call setup) on the first points, and the rest by the faster.
 
-    The loop runs point 0 and the fused engine point 1. The fused engine's time per point only
-    falls as its chunks grow, so if it is already the faster on one point it wins; if it is more
-    than ``_CLEARLY_SLOWER`` times slower, the loop wins; in between, it also runs a chunk of a
-    sixteenth of the points and is judged on that. Any error of the choice favours the loop, the
-    engine that must never be beaten."""
+    The loop runs point 0 and the fused engine points 0 and 1: if they disagree on point 0, the
+    fused engine does not apply to the model and the loop runs the rest. If the fused engine is
+    more than ``_CLEARLY_SLOWER`` times slower per point, the loop wins; if it is faster, it wins;
+    in between, it also runs a chunk of a sixteenth of the points and is judged on that. Any
+    error of the choice favours the loop, the engine that must never be beaten."""
     B = coeffs.shape[0]
     if is_chain or B == 0:
         return (*run_fused(coeffs, quiet), "fused")
@@ -814,12 +818,21 @@ def _auto(coeffs: Tensor, is_chain: bool, run_fused, run_loop, quiet: bool):
     t_loop, t_fused = [], []
     parts = [run_loop(coeffs[:1], True, t_loop)]
     try:
-        parts.append(run_fused(coeffs[1:2], True, t_fused))
+        both = run_fused(coeffs[:2], True, t_fused)
     except _Unsupported as err:
         warnings.warn(f"engine='auto': the fused engine cannot run this model ({err.__cause__}); "
                       "using the loop", RuntimeWarning, stacklevel=3)
         parts.append(run_loop(coeffs[1:], quiet))
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), "loop"
+    loop0, fused0 = parts[0][0][0].item(), both[0][0].item()
+    if not math.isclose(loop0, fused0, rel_tol=_AGREE, abs_tol=_AGREE) and math.isfinite(loop0):
+        warnings.warn(f"engine='auto': the fused engine disagrees with the loop on this model (loss sum "
+                      f"{fused0:.6g} against {loop0:.6g} at the first point), e.g. because it reads a "
+                      "parameter outside the module that owns it; using the loop", RuntimeWarning,
+                      stacklevel=3)
+        parts.append(run_loop(coeffs[1:], quiet))
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), "loop"
+    parts.append((both[0][1:], both[1][1:]))
     done = 2
     ratio = t_fused[0] / t_loop[0]
     m = min(B - done, (B - 1) // 16)
@@ -836,6 +849,9 @@ def _auto(coeffs: Tensor, is_chain: bool, run_fused, run_loop, quiet: bool):
 
 # A fused engine this many times slower than the loop on one point is not probed further.
 _CLEARLY_SLOWER = 3.0
+# The engines agree to float32 rounding; a larger difference at the first point means the fused
+# engine does not apply to the model.
+_AGREE = 1e-4
 
 
 def point_losses(

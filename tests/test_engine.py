@@ -316,7 +316,7 @@ def test_auto_picks_the_faster_engine_and_keeps_the_point_order(t_fused, expect,
                                          _fake_engine("loop", 1.0, calls), quiet=True)
     assert chosen == expect
     assert loss.tolist() == list(range(64))  # every point once, in order, whoever ran it
-    assert calls[0] == ("loop", [0.0]) and calls[1] == ("fused", [1.0])
+    assert calls[0] == ("loop", [0.0]) and calls[1] == ("fused", [0.0, 1.0])  # point 0 by both: checked
     assert len(calls) == probes + 1 and calls[-1][0] == expect
     if probes == 3:
         assert calls[2] == ("fused", [float(i) for i in range(2, 5)])
@@ -342,3 +342,42 @@ def test_auto_sends_a_convolutional_model_with_large_activations_to_the_loop():
     assert ev.engine == "loop"
     torch.testing.assert_close(ev.loss, engine.evaluate(cnn, [cnn, cnn], _coeffs(4, 2), big, engine="fused").loss,
                                rtol=1e-5, atol=0)
+
+
+class _ReadsAcross(nn.Module):
+    """Reads its embedding table outside the embedding's forward (a hand-tied output layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.mix = nn.Linear(4, 4)
+
+    def forward(self, ids):
+        return self.mix(self.emb(ids)).mean(1) @ self.emb.weight.T
+
+
+def test_auto_checks_the_fused_engine_against_the_loop_on_the_first_point():
+    torch.manual_seed(0)
+    a, b = _ReadsAcross(), _ReadsAcross()
+    data = (torch.randint(0, 7, (5, 3)), torch.randint(0, 7, (5,)))
+    loop = engine.evaluate(a, [a, b], _coeffs(6, 2), data, engine="loop")
+    with pytest.warns(RuntimeWarning, match=r"engine='auto': the fused engine disagrees with the loop on this "
+                                            r"model \(loss sum .* against .* at the first point\).*; using the loop"):
+        auto = engine.evaluate(a, [a, b], _coeffs(6, 2), data)
+    assert auto.engine == "loop"
+    torch.testing.assert_close(auto.loss, loop.loss)
+
+
+def test_auto_disagreement_fakes():
+    calls = []
+    coeffs = torch.arange(8, dtype=torch.float32).reshape(8, 1)
+
+    def fused(c, quiet, times=None):
+        calls.append(("fused", c[:, 0].tolist()))
+        if times is not None:
+            times.extend([0.1] * len(c))
+        return c[:, 0].double() + 1, torch.zeros(len(c), dtype=torch.int64)  # off by one everywhere
+
+    with pytest.warns(RuntimeWarning, match="disagrees with the loop"):
+        loss, _, chosen = engine._auto(coeffs, False, fused, _fake_engine("loop", 1.0, calls), quiet=True)
+    assert chosen == "loop" and loss.tolist() == list(range(8))
