@@ -305,7 +305,7 @@ def test_errors_are_one_line_and_come_before_any_training(argv, pattern, files, 
 
 
 class _Stop(Exception):
-    pass
+    """Raised by a patched step to stop a run once what the test inspects has been captured."""
 
 
 def _task_of(monkeypatch, argv):

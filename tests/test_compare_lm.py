@@ -272,7 +272,7 @@ def test_cli_token_file_runs_a_language_model(lm, files, tmp_path, capsys):
 
 
 class _Stop(Exception):
-    pass
+    """Raised by a patched step to stop a run once what the test inspects has been captured."""
 
 
 def _captured(monkeypatch, argv):

@@ -432,8 +432,8 @@ def _grown():
 
 
 def test_compile_aot_eager():
-    # aot_eager traces the grown model through Dynamo and AOTAutograd (about 1 s here); inductor
-    # (about 10 s on 2 cores) is the slow test below.
+    # aot_eager runs the whole Dynamo and AOTAutograd tracing that a grown model must survive,
+    # without inductor's code generation, which is slow on small machines: the slow test below.
     torch._dynamo.reset()
     new, x = _grown(), images(4)
     with torch.no_grad():

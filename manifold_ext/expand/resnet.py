@@ -161,50 +161,15 @@ def widen_resnet(model, spec, generator: Optional[torch.Generator]) -> list:
     return out
 
 
-def _widen_stage(model, spec, generator: Optional[torch.Generator]) -> list:
-    """Widen the residual width of stage ``spec.target`` (see the module docstring); returns one
-    ``(stage, LayerChange)`` pair."""
-    from .width import _plan
-
-    path = spec.target
-    names = list(model.stages._modules)
-    si = names.index(path.split(".", 1)[1])
-    stage = model.stages._modules[names[si]]
-    blocks = list(stage)
-    n = blocks[-1].bn2.num_features
-    m = spec.new_width(path, "stage residual width", n)
-    init = spec.init
-    copies, _, n_fresh = _plan(n, m, init, False, generator)
-    src = torch.cat([torch.arange(n), copies])
-    counts = torch.bincount(src, minlength=n)
+def grow_channels(producers, bns, consumers, src: torch.Tensor, counts: torch.Tensor, n: int, m: int,
+                  n_fresh: int, init: str, noise: float, generator) -> None:
+    """Grow a set of channels from ``n`` to ``m`` everywhere at once, in place: the output
+    channels of ``producers`` (convolutions whose outputs are summed, e.g. along a residual
+    path), ``bns`` (BatchNorm2d over them) and the inputs of ``consumers`` (Conv2d or Linear).
+    Channel ``i < len(src)`` copies channel ``src[i]``; the ``n_fresh`` others are fresh. A
+    consumer's weights for the copies of a channel are divided by its copy count (``counts``), so
+    net2net copies sum to the original; fresh inputs are zero unless ``init`` is "random"."""
     zero = init == "zero"
-
-    producers, bns, consumers = [], [], []  # convs (output channels), BatchNorm2d, convs/Linear (inputs)
-    first = blocks[0]
-    if isinstance(first.shortcut, nn.Identity):
-        if si != 0:
-            raise ValueError(f"Widen.target={path!r}: block 0 of a later stage has an identity shortcut; "
-                             "its input width cannot be widened")
-        producers.append(model.stem[0])
-        bns.append(model.stem[1])
-        consumers.append(first.conv1)
-    else:
-        producers.append(first.shortcut[0])
-        bns.append(first.shortcut[1])
-    for j, blk in enumerate(blocks):
-        producers.append(blk.conv2)
-        bns.append(blk.bn2)
-        if j > 0:
-            consumers.append(blk.conv1)
-    if si + 1 < len(names):
-        nxt = list(model.stages._modules[names[si + 1]])[0]
-        consumers.append(nxt.conv1)
-        if not isinstance(nxt.shortcut, nn.Identity):
-            consumers.append(nxt.shortcut[0])
-    else:
-        consumers.append(model.head)
-
-    noise = spec.noise
     with torch.no_grad():
         for conv in producers:
             w = conv.weight.detach()
@@ -244,6 +209,53 @@ def _widen_stage(model, spec, generator: Optional[torch.Generator]) -> list:
                 L.resize_linear(c, new_w, c.bias)
             else:
                 L.resize_conv(c, new_w, c.bias)
+
+
+
+def _widen_stage(model, spec, generator: Optional[torch.Generator]) -> list:
+    """Widen the residual width of stage ``spec.target`` (see the module docstring); returns one
+    ``(stage, LayerChange)`` pair."""
+    from .width import _plan
+
+    path = spec.target
+    names = list(model.stages._modules)
+    si = names.index(path.split(".", 1)[1])
+    stage = model.stages._modules[names[si]]
+    blocks = list(stage)
+    n = blocks[-1].bn2.num_features
+    m = spec.new_width(path, "stage residual width", n)
+    init = spec.init
+    copies, _, n_fresh = _plan(n, m, init, False, generator)
+    src = torch.cat([torch.arange(n), copies])
+    counts = torch.bincount(src, minlength=n)
+    noise = spec.noise
+
+    producers, bns, consumers = [], [], []  # convs (output channels), BatchNorm2d, convs/Linear (inputs)
+    first = blocks[0]
+    if isinstance(first.shortcut, nn.Identity):
+        if si != 0:
+            raise ValueError(f"Widen.target={path!r}: block 0 of a later stage has an identity shortcut; "
+                             "its input width cannot be widened")
+        producers.append(model.stem[0])
+        bns.append(model.stem[1])
+        consumers.append(first.conv1)
+    else:
+        producers.append(first.shortcut[0])
+        bns.append(first.shortcut[1])
+    for j, blk in enumerate(blocks):
+        producers.append(blk.conv2)
+        bns.append(blk.bn2)
+        if j > 0:
+            consumers.append(blk.conv1)
+    if si + 1 < len(names):
+        nxt = list(model.stages._modules[names[si + 1]])[0]
+        consumers.append(nxt.conv1)
+        if not isinstance(nxt.shortcut, nn.Identity):
+            consumers.append(nxt.shortcut[0])
+    else:
+        consumers.append(model.head)
+
+    grow_channels(producers, bns, consumers, src, counts, n, m, n_fresh, init, noise, generator)
 
     if init == "random":
         exact, note = False, "random new residual channels: not preserving"

@@ -77,6 +77,7 @@ from torch import nn
 
 from . import _layers as L
 from .conv import widen_conv
+from .resnet import grow_channels
 from .registry import Family
 from .report import LayerChange
 from .specs import Deepen, Widen
@@ -253,46 +254,7 @@ def _widen_stage(model, spec: Widen, generator) -> list:
     copies, _, n_fresh = _plan(n, m, init, False, generator)
     src = torch.cat([torch.arange(n), copies])
     counts = torch.bincount(src, minlength=n)
-    with torch.no_grad():
-        for conv in producers:
-            w = conv.weight.detach()
-            sidx = src.to(w.device)
-            fresh = L.uniform((n_fresh,) + tuple(w.shape[1:]), L.fresh_bound(w[0].numel()), w, generator)
-            new_w = torch.cat([w[sidx], fresh])
-            if noise:
-                new_w[n:] += L.gaussian(new_w[n:].shape, noise, w, generator)
-            new_b = None
-            if conv.bias is not None:
-                new_b = torch.cat([conv.bias.detach()[sidx], conv.bias.new_zeros(n_fresh)])
-            L.resize_conv(conv, new_w, new_b)
-        for bn in bns:
-            sidx = src.to(bn.running_mean.device)
-            fills = (("weight", 0.0 if init == "zero" else 1.0), ("bias", 0.0), ("running_mean", 0.0),
-                     ("running_var", 1.0))
-            for name, fill in fills:
-                old = getattr(bn, name)
-                if old is None:
-                    continue
-                new = old.detach().new_full((m,), fill)
-                new[: len(src)] = old.detach()[sidx]
-                L.replace_param(bn, name, new)
-            bn.num_features = m
-        for c in consumers:
-            w = c.weight.detach()
-            sidx = src.to(w.device)
-            scale = counts.to(w.device, w.dtype)[sidx].view(1, -1, *([1] * (w.dim() - 2)))
-            extra = (w.shape[0], n_fresh) + tuple(w.shape[2:])
-            if init == "random":
-                fresh = L.uniform(extra, L.fresh_bound(m * w[0, 0].numel()), w, generator)
-            else:
-                fresh = w.new_zeros(extra)
-            new_w = torch.cat([w[:, sidx] / scale, fresh], 1)
-            if noise:
-                new_w[:, n:] += L.gaussian(new_w[:, n:].shape, noise, w, generator)
-            if isinstance(c, nn.Linear):
-                L.resize_linear(c, new_w, c.bias)
-            else:
-                L.resize_conv(c, new_w, c.bias)
+    grow_channels(producers, bns, consumers, src, counts, n, m, n_fresh, init, spec.noise, generator)
 
     if init == "random":
         exact, note = False, "random new output channels: not preserving"
