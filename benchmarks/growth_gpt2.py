@@ -7,11 +7,9 @@ feed-forward width (net2net), timed and with the peak extra memory of each.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from benchmarks.harness import save, time_interleaved
+from benchmarks.harness import run_main, time_interleaved
 from benchmarks.memory import peak_extra_bytes
 from manifold_ext.expand import Deepen, Widen, expand
 
@@ -65,14 +63,7 @@ def table(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--json", default="results/bench_growth_gpt2.json")
-    args = p.parse_args(argv)
-    res = measure(args.rounds)
-    save(res, args.json)
-    print(table(res))
-    return 0
+    return run_main(__doc__, measure, table, "results/bench_growth_gpt2.json", argv)
 
 
 if __name__ == "__main__":

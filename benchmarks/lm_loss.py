@@ -12,13 +12,11 @@ Targets: peak extra memory at most 1/8 of the baseline's, time at most 1.0x.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, vmap
 
-from benchmarks.harness import save, time_interleaved
+from benchmarks.harness import run_main, time_interleaved
 from benchmarks.memory import peak_extra_bytes
 from manifold_ext import engine, params as P
 
@@ -72,14 +70,7 @@ def table(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--json", default="results/bench_lm_loss.json")
-    args = p.parse_args(argv)
-    res = measure(args.rounds)
-    save(res, args.json)
-    print(table(res))
-    return 0
+    return run_main(__doc__, measure, table, "results/bench_lm_loss.json", argv)
 
 
 if __name__ == "__main__":
