@@ -47,6 +47,7 @@ from .stats import gain_signal, rank_correlation
 ESTIMATOR_NAMES = tuple(M.ESTIMATORS)
 PRESERVING = 1e-4  # an expansion whose measured preservation error is below this preserves the function
 CHANCE_MARGIN = 0.05  # a base less than this (5 points of accuracy) above chance is at chance level
+UNIGRAM_MARGIN = 0.1  # a language model whose test loss is not this far (nats) below the unigram's
 SIGNAL_P = 0.05  # a Friedman p-value above this: the gains do not differ beyond the seed spread
 LOSSES = ("cross_entropy", "lm")  # Settings.loss: classification, or next-token prediction
 IGNORE = -100  # a target that does not count (the engine's ignore_index)
@@ -142,10 +143,25 @@ class Settings:
         return cls(**d)
 
 
+EQUAL_SIZE_TOLERANCE = 0.005
+
 QUICK = dict(seeds=2, finetune_epochs=3, probe_examples=256, n_boot=500,
              estimator_options={"radius": {"directions": 8, "grid": (1e-3, 10.0, 10), "bisect": 8},
                                 "simplex": {"k": 1, "steps": 40, "samples": 64},
                                 "minima": {"m": 3, "samples": 64}})
+
+
+def settings_for(bench: Benchmark, *, quick: bool = False, **overrides) -> Settings:
+    """The settings of a run on ``bench``, as ``manifold-ext compare`` builds them: the defaults
+    of :class:`Settings`, then the benchmark's own (``bench.settings``, e.g. ``loss="lm"`` for the
+    GPT-2 benchmark), then with ``quick`` :data:`QUICK` and ``bench.quick``, then ``overrides``.
+    With ``quick``, run it on ``bench.quick_version()`` (the candidates a quick run keeps)."""
+    d = dict(bench.settings)
+    if quick:
+        d.update(QUICK)
+        d.update(bench.quick)
+    d.update(overrides)
+    return Settings.from_dict(d)
 
 
 # ----------------------------------------------------------------------------- training
@@ -358,6 +374,16 @@ def _targets(y: torch.Tensor, loss: str) -> torch.Tensor:
         return y.reshape(-1)
     y = y[:, 1:]
     return y[y != IGNORE]
+
+
+def unigram_loss(task: Task) -> float:
+    """For ``loss="lm"``: the test loss of the unigram model, which predicts every token from the
+    training targets' frequencies alone (add-one smoothed over ``max id + 1`` tokens), the loss a
+    language model must beat to have learned anything from context."""
+    train, test = _targets(task.y_train.cpu(), "lm"), _targets(task.y_test.cpu(), "lm")
+    n = int(max(train.max(), test.max())) + 1
+    logp = (torch.bincount(train, minlength=n).double() + 1).log() - math.log(len(train) + n)
+    return -logp[test].mean().item()
 
 
 def chance_accuracy(task: Task, loss: str = "cross_entropy") -> float:
@@ -613,12 +639,13 @@ def compare(bench: Benchmark, settings: Settings, out: Path, *, base: Optional[n
     base_models = [m.to(t.device) for m in base_models]
     bases = []
     chance = chance_accuracy(t, settings.loss)
+    unigram = unigram_loss(t) if settings.loss == "lm" else None
     for seed, model in enumerate(base_models):
         base_loss = mean_loss(model, *probe, settings.loss)
         bases.append({"seed": seed, "test_accuracy": accuracy(model, t.x_test, t.y_test, settings.loss),
                       "test_loss": mean_loss(model, t.x_test, t.y_test, settings.loss), "chance_accuracy": chance,
                       "probe_loss": base_loss, "threshold": settings.threshold * base_loss,
-                      "chance_loss": math.log(outputs), "outputs": outputs,
+                      "chance_loss": math.log(outputs), "outputs": outputs, "unigram_loss": unigram,
                       "parameters": sum(p.numel() for p in model.parameters())})
     jobs = [(seed, cand) for seed in range(settings.seeds) for cand in bench.candidates]
     mine = [i for i in range(len(jobs)) if i % D.world() == D.rank()]
@@ -675,13 +702,19 @@ def _metric(unit: dict, name: str) -> float:
     return unit["baselines"][name]
 
 
+def equal_size(a: int, b: int) -> bool:
+    """Whether two parameter counts are equal within :data:`EQUAL_SIZE_TOLERANCE` (relative): some
+    architectures (GPT-2's blocks have biases) allow no width expansion of exactly a block's size."""
+    return abs(a - b) <= EQUAL_SIZE_TOLERANCE * max(a, b)
+
+
 def _equal_size_order(units: List[dict], name: str) -> Optional[float]:
-    """Share of pairs of candidates with equal parameter counts (same seed) that the metric puts
-    in the order of their gains (ties in either count half)."""
+    """Share of pairs of candidates of equal size (:func:`equal_size`, same seed) that the metric
+    puts in the order of their gains (ties in either count half)."""
     score, pairs = 0.0, 0
     for i, a in enumerate(units):
         for b in units[i + 1:]:
-            if a["seed"] != b["seed"] or a["parameters"] != b["parameters"]:
+            if a["seed"] != b["seed"] or not equal_size(a["parameters"], b["parameters"]):
                 continue
             dg = a["gain_over_base"] - b["gain_over_base"]
             dm = _metric(a, name) - _metric(b, name)
@@ -695,11 +728,13 @@ def _equal_size_order(units: List[dict], name: str) -> Optional[float]:
 def summarise(bench: Benchmark, settings: Settings, bases: List[dict], units: List[dict]) -> CompareResult:
     """Gains, the ranking, the correlation tables and the warnings from the units.
 
-    Three warnings can be raised (``CompareResult.warnings``):
+    Four warnings can be raised (``CompareResult.warnings``):
 
     * the base is at chance level: its test accuracy (mean over the seeds' bases) is less than
       ``CHANCE_MARGIN`` (5 points) above the chance level, the test accuracy of always predicting
       the most frequent training class (token, for ``loss="lm"``);
+    * for ``loss="lm"``, the base's test loss (mean over the seeds) is less than
+      ``UNIGRAM_MARGIN`` (0.1 nats) below the unigram model's (:func:`unigram_loss`);
     * the threshold is not below the chance-level loss ln(K), the loss of uniform predictions
       over the base's K outputs (classes, or its vocabulary for ``loss="lm"``), for some seed's
       base: the low-loss region then takes in models no better than chance;
@@ -759,6 +794,13 @@ def summarise(bench: Benchmark, settings: Settings, bases: List[dict], units: Li
         if acc < chance[0] + CHANCE_MARGIN:
             warnings.append(f"the base is at chance level (test accuracy {100 * acc:.1f}% vs chance "
                             f"{100 * chance[0]:.1f}%): the gains below measure noise, not expansion")
+    unigram = [b for b in bases if b.get("unigram_loss") is not None]
+    if unigram:
+        lm_loss = sum(b["test_loss"] for b in unigram) / len(unigram)
+        if lm_loss > unigram[0]["unigram_loss"] - UNIGRAM_MARGIN:
+            warnings.append(f"the base has not learned beyond token frequencies (test loss {lm_loss:.3g} vs "
+                            f"{unigram[0]['unigram_loss']:.3g} of the unigram model): the gains below measure "
+                            f"noise, not expansion")
     over = [b for b in bases if b.get("chance_loss") is not None and b["threshold"] >= b["chance_loss"]]
     if over:
         b = max(over, key=lambda b: b["threshold"] - b["chance_loss"])

@@ -124,9 +124,12 @@ def simplex_slice(bench: Benchmark, settings: Settings, base, candidate_name: st
 
 
 def all_figures(bench: Benchmark, settings: Settings, result: CompareResult, base, out: Path) -> List[Path]:
-    """The three figures of a run, into ``out``."""
+    """The figures of a run, into ``out``: the metrics against the gains, the loss along each
+    candidate's adaptation path, and (when the run measures ``simplex``) a simplex's loss plane."""
     out = Path(out)
     top = result.ranking[0]["candidate"]
-    return [metrics_vs_gain(result, out / "metrics_vs_gain.png"),
-            paths(bench, settings, base, out / "paths.png"),
-            simplex_slice(bench, settings, base, top, out / "simplex_slice.png")]
+    figures = [metrics_vs_gain(result, out / "metrics_vs_gain.png"),
+               paths(bench, settings, base, out / "paths.png")]
+    if "simplex" in settings.estimators:
+        figures.append(simplex_slice(bench, settings, base, top, out / "simplex_slice.png"))
+    return figures

@@ -24,13 +24,16 @@ def _need(package: str):
 
 
 def gpt2(*, vocab: int = 101, positions: int = 64, width: int = 32, layers: int = 2, heads: int = 4,
-         inner: int | None = None, seed: int = 0) -> nn.Module:
+         inner: int | None = None, seed: int | None = 0) -> nn.Module:
     """A ``transformers.GPT2LMHeadModel`` (``lm_head.weight`` tied to ``transformer.wte.weight``)
-    with random weights drawn under ``seed``, in eval mode with dropout off."""
+    with random weights drawn under ``seed`` (None: from the global RNG, as ``nn.Module``
+    constructors draw), in eval mode with dropout off."""
     tf = _need("transformers")
     config = tf.GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=width, n_layer=layers,
                            n_head=heads, n_inner=inner, resid_pdrop=0.0, embd_pdrop=0.0,
                            attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    if seed is None:
+        return tf.GPT2LMHeadModel(config).eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return tf.GPT2LMHeadModel(config).eval()

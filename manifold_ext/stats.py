@@ -161,3 +161,85 @@ def gain_signal(gains: Sequence[Sequence[float]]) -> dict:
         out["friedman_p"] = 1.0 if math.isnan(p) else p
         out["friedman_min_p"] = float(_st.chi2.sf(n * (k - 1), k - 1))
     return out
+
+
+def within_seed_correlation(
+    values: Sequence[float],
+    gains: Sequence[float],
+    seeds: Sequence,
+    candidates: Sequence,
+    *,
+    metric: str = "",
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Correlation:
+    """Spearman and Kendall correlation of a metric with the gains computed within each seed (over
+    that seed's candidates) and averaged over the seeds, with bootstrap intervals over candidates.
+
+    A seed whose base is weaker gives every candidate larger gains and shifts the metrics too;
+    pooling the seeds then correlates that shift, not the candidates' order. Within a seed, the
+    base, the data order and the threshold are shared, so only the candidates differ.
+
+    Args:
+        values, gains: one per (seed, candidate) unit.
+        seeds, candidates: the unit's seed and candidate labels. A candidate is used only if every
+            seed has it with a metric and a gain that are not NaN (-inf, an empty manifold, ranks
+            lowest).
+        metric, n_boot, level, seed: as :func:`rank_correlation`. Each bootstrap resample draws
+            the candidates with replacement, the same draw in every seed, and averages the seeds'
+            correlations on it.
+
+    Returns:
+        :class:`Correlation`, ``n`` the number of units used; NaN when no seed has at least 2
+        candidates with variation in both the metric and the gain.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    y = np.asarray(gains, dtype=np.float64)
+    if not (len(x) == len(y) == len(seeds) == len(candidates)) or x.ndim != 1:
+        raise ValueError(f"values, gains, seeds and candidates must be 1-D of one length, got "
+                         f"{len(x)}, {len(y)}, {len(seeds)} and {len(candidates)}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    seed_ids = list(dict.fromkeys(seeds))
+    cand_ids = list(dict.fromkeys(candidates))
+    X = np.full((len(seed_ids), len(cand_ids)), np.nan)
+    Y = np.full_like(X, np.nan)
+    si = {s: i for i, s in enumerate(seed_ids)}
+    ci = {c: i for i, c in enumerate(cand_ids)}
+    for v, g, s, c in zip(x, y, seeds, candidates):
+        X[si[s], ci[c]], Y[si[s], ci[c]] = v, g
+    keep = ~(np.isnan(X) | np.isnan(Y)).any(0)
+    X, Y = X[:, keep], Y[:, keep]
+    # Ranks within each seed: -inf becomes finite and neither correlation changes.
+    RX, RY = _st.rankdata(X, axis=1), _st.rankdata(Y, axis=1)
+
+    def mean_over_seeds(rx: np.ndarray, ry: np.ndarray) -> np.ndarray:
+        """``(..., 2)``: the seeds' mean (rho, tau) for ranks of shape (seeds, ..., candidates)."""
+        per = np.stack([_rho_tau_batch(rx[s].reshape(-1, rx.shape[-1]), ry[s].reshape(-1, ry.shape[-1]))
+                        for s in range(rx.shape[0])])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return np.nanmean(per, 0)
+
+    k = X.shape[1]
+    point = mean_over_seeds(RX[:, None], RY[:, None])[0] if k >= 2 else np.array([math.nan, math.nan])
+    boots = np.full((n_boot, 2), np.nan)
+    if k >= 2:
+        picks = np.random.default_rng(seed).integers(0, k, (n_boot, k))
+        for b0 in range(0, n_boot, 256):
+            p = picks[b0:b0 + 256]
+            boots[b0:b0 + 256] = mean_over_seeds(RX[:, p], RY[:, p])
+    alpha = (1 - level) / 2 * 100
+
+    def interval(col: np.ndarray) -> Tuple[float, float]:
+        col = col[np.isfinite(col)]
+        if len(col) == 0:
+            return math.nan, math.nan
+        lo, hi = np.percentile(col, [alpha, 100 - alpha])
+        return float(lo), float(hi)
+
+    return Correlation(metric=metric, spearman=float(point[0]), spearman_ci=interval(boots[:, 0]),
+                       kendall=float(point[1]), kendall_ci=interval(boots[:, 1]), n=int(X.size), level=level)

@@ -107,7 +107,8 @@ def test_cli_state_dict_base_is_grown_not_retrained(arch, files, tmp_path, capsy
     assert main(["compare", "--base", str(ckpt), "--arch", arch, "--config", str(d / "cands.toml"),
                  "--out", str(out), "--plot" if plot else "--no-plot"]) == 0
     if plot:
-        assert (out / "paths.png").stat().st_size > 0 and (out / "simplex_slice.png").stat().st_size > 0
+        assert (out / "paths.png").stat().st_size > 0
+        assert not (out / "simplex_slice.png").exists()  # drawn only when the run measures simplex
     printed = capsys.readouterr().out
     t = builtin.digits()
     acc, loss = C.accuracy(model, t.x_test, t.y_test), C.mean_loss(model, t.x_test, t.y_test)
@@ -354,7 +355,7 @@ def test_data_features_are_standardised_by_default(tmp_path, monkeypatch, files)
 
 def test_token_data_are_never_standardised(tmp_path, monkeypatch):
     g = np.random.default_rng(0)
-    X = g.integers(0, 23, size=(100, 2))
+    X = g.integers(0, 23, size=(100, 2))  # the TinyTransformer with your own token data
     np.savez(tmp_path / "t.npz", X=X, y=(X.sum(1) % 23))
     task = _task_of(monkeypatch, ["--model", "transformer", "--data", str(tmp_path / "t.npz"), "--standardize"])
     raw = task_from_arrays(X, X.sum(1) % 23)

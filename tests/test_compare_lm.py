@@ -244,6 +244,21 @@ def test_threshold_above_the_chance_level_loss_is_flagged(lm):
         Benchmark("b", task, candidates=[Candidate("control")]), settings, bases, units).warnings)
 
 
+def test_base_no_better_than_unigram_is_flagged(lm):
+    _, _, task = lm
+    bases = [{"seed": 0, "test_accuracy": 0.5, "chance_accuracy": 0.1, "test_loss": 3.05, "unigram_loss": 3.1,
+              "probe_loss": 2.0, "threshold": 4.0, "outputs": V, "chance_loss": math.log(V)}]
+    units = [{"seed": 0, "candidate": "control", "parameters": 1, "preservation_error": 0.0, "test_accuracy": 0.5,
+              "sizes": {"radius": 0.0}, "baselines": {}}]
+    settings = C.Settings(loss="lm", estimators=("radius",), baselines=(), n_boot=10)
+    bench = Benchmark("b", task, candidates=[Candidate("control")])
+    want = ("the base has not learned beyond token frequencies (test loss 3.05 vs 3.1 of the unigram model): the "
+            "gains below measure noise, not expansion")
+    assert want in C.summarise(bench, settings, bases, units).warnings
+    bases[0]["test_loss"] = 2.9
+    assert not any("token frequencies" in w for w in C.summarise(bench, settings, bases, units).warnings)
+
+
 def _one_line_error(capsys, argv, pattern):
     assert main(["compare", "--no-plot", *argv]) == 2
     err = capsys.readouterr().err
@@ -315,8 +330,8 @@ BASE = ["--base", "{d}/model.pt", "--arch", "_models:bigram_lm"]
 
 @pytest.mark.parametrize("argv,pattern", [
     (["--data", "{d}/tokens.npz", "--config", "{d}/cands.toml"],
-     r"--data .*tokens\.npz: a token file \(language modelling\) needs --base PATH, your trained language model: "
-     r"there is no built-in language model$"),
+     r"--data .*tokens\.npz: a token file \(language modelling\) needs --base PATH, your trained language model "
+     r"\(the built-in one, --model gpt2, learns the built-in python text\)$"),
     (BASE + ["--data", "{d}/big.npz", "--config", "{d}/cands.toml"],
      r"--data .*big\.npz: the token ids lie in \[\d+, 300\], but the base's embedding has 256 entries "
      r"\(expected ids in \[0, 256\)\)$"),
@@ -325,9 +340,9 @@ BASE = ["--base", "{d}/model.pt", "--arch", "_models:bigram_lm"]
     (BASE + ["--data", "{d}/tokens.npz", "--config", "{d}/ce.toml"],
      r"--config .*ce\.toml: loss = 'cross_entropy' does not fit --data .*tokens\.npz, a token file"),
     (BASE + ["--data", "{d}/xy.npz", "--config", "{d}/lm.toml"],
-     r"--config .*lm\.toml: loss 'lm' \(a language model\) needs --data FILE holding token sequences"),
+     r"--config .*lm\.toml: loss 'lm' \(a language model\) needs token sequences: --data FILE holding them"),
     (["--config", "{d}/lm.toml"],
-     r"--config .*lm\.toml: loss 'lm' \(a language model\) needs --data FILE holding token sequences"),
+     r"--config .*lm\.toml: loss 'lm' \(a language model\) needs token sequences: --data FILE holding them"),
 ])
 def test_cli_errors_are_one_line_and_come_before_any_training(argv, pattern, files, monkeypatch, capsys):
     _no_training(monkeypatch)

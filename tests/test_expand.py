@@ -364,6 +364,20 @@ def test_report_json_and_explicit_check_inputs():
     assert "params 66 -> 129" in report.summary()
 
 
+def test_report_base_paths_and_weight_shapes():
+    """Each change names its module in the base and the grown model, and the shapes of the weights
+    it changed as torch stores them (nn.Linear: (out, in)); an inserted layer has no base path."""
+    model = build([4, 5, 6, 3])
+    _, report = expand(model, Deepen(after="1", init="identity"), Widen("*", factor=2))
+    got = [(c.op, c.path, c.base_path, c.weights) for c in report.changes]
+    assert got[0] == ("deepen", "2", None, {"weight": [[], [5, 5]], "bias": [[], [5]]})
+    assert ("widen", "0", "0", {"weight": [[5, 4], [10, 4]], "bias": [[5], [10]]}) in got
+    assert ("widen", "2", None, {"weight": [[5, 5], [10, 10]], "bias": [[5], [10]]}) in got
+    assert ("widen", "4", "2", {"weight": [[6, 5], [12, 10]], "bias": [[6], [12]]}) in got
+    assert "widen 4 (base: 2)" in report.summary() and "deepen 2 (new)" in report.summary()
+    assert ExpansionReport.from_json(report.to_json()) == report
+
+
 def test_base_train_mode_and_grad_flags_kept():
     model = build([5, 7, 3], norm="bn", dropout=True).train()
     model[0].weight.requires_grad_(False)

@@ -112,6 +112,13 @@ def test_report_paths_shapes_and_config():
     assert grown.lm_head.weight is grown.transformer.wte.weight  # still tied
     assert rep.params_after > rep.params_before
     assert "GPT2MLP" in rep.summary()
+    # paths in the base, and weight shapes as torch stores them (Conv1D: (in, out))
+    assert [c.base_path for c in rep.changes] == ["transformer.h.0.mlp", "transformer.h.1.mlp", None]
+    assert rep.changes[1].weights == {"c_fc.weight": [[16, 24], [16, 48]], "c_fc.bias": [[24], [48]],
+                                      "c_proj.weight": [[24, 16], [48, 16]]}
+    assert d.weights["attn.c_attn.weight"] == [[], [16, 48]] and d.weights["mlp.c_fc.weight"] == [[], [16, 48]]
+    assert "transformer.h.2.mlp (base: transformer.h.1.mlp)" in rep.summary()
+    assert "transformer.h.1 (new)" in rep.summary()
 
 
 def test_default_inner_config():
@@ -197,10 +204,12 @@ def test_errors():
         expand(m, Widen("transformer.wte", size=8))
     with pytest.raises(ValueError, match="the residual width of a GPT2Model is its output"):
         expand(m.transformer, Widen("wte", factor=2))
-    with pytest.raises(ValueError, match="cannot add attention heads to GPT-2: GPT2Attention ties the attention width"):
+    with pytest.raises(ValueError, match="more heads grow n_embd, which is its output"):
+        expand(m.transformer, Widen("h.*.attn", size=4))
+    with pytest.raises(ValueError, match=r"selects 1 of the 2 blocks' attention; GPT2Config.n_head is one number"):
         expand(m, Widen("transformer.h.0.attn", size=4, init="zero"))
-    with pytest.raises(ValueError, match="cannot add attention heads"):
-        expand(m, Widen("transformer.h.*.attn", size=4, init="net2net"))
+    with pytest.raises(ValueError, match="size must be >= 2"):
+        expand(m, Widen("transformer.h.*.attn", size=1))
     with pytest.raises(ValueError, match=r"GPT2Config.n_inner is one feed-forward width for every block"):
         expand(m, Widen("transformer.h.0.mlp", factor=2))
     with pytest.raises(ValueError, match="size must be >= 24"):
@@ -276,6 +285,42 @@ def test_residual_width_preserving(cfg, which, tmp_path):
     grown.save_pretrained(tmp_path)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert torch.equal(_out(back, ids)[0], _out(grown, ids)[0])
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("init", ["net2net", "zero"])
+def test_heads_preserving(cfg, init, tmp_path):
+    m = _model(*cfg)
+    D, n = cfg[1], cfg[3]
+    hd, n2 = D // n, n + 3
+    ids = _ids(m)
+    grown, rep = expand(m, Widen("transformer.h.*.attn", size=n2, init=init), generator=torch.Generator().manual_seed(2))
+    assert rep.preserving and rep.preservation_error <= TOL
+    assert [(c.path, c.base_path, c.kind, c.before, c.after) for c in rep.changes] == [
+        (f"transformer.h.{i}.attn", f"transformer.h.{i}.attn", "GPT2Attention", [D, n], [D + 3 * hd, n2])
+        for i in range(cfg[2])]
+    m2 = D + 3 * hd
+    assert rep.changes[0].weights == {"c_attn.weight": [[D, 3 * D], [m2, 3 * m2]], "c_attn.bias": [[3 * D], [3 * m2]],
+                                      "c_proj.weight": [[D, D], [m2, m2]], "c_proj.bias": [[D], [m2]]}
+    err_logits, err_loss = _errors(m, grown, ids)
+    assert err_logits <= TOL and err_loss <= TOL, (err_logits, err_loss)
+    assert torch.equal(_greedy(grown, ids), _greedy(m, ids))
+    blk = grown.transformer.h[0]
+    assert blk.attn.num_heads == n2 and blk.attn.head_dim == hd
+    assert grown.config.n_head == n2 and grown.config.n_embd == m2
+    grown.save_pretrained(tmp_path)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert back.config.n_head == n2
+    assert torch.equal(_out(back, ids)[0], _out(grown, ids)[0])
+    assert torch.equal(_greedy(back, ids), _greedy(m, ids))
+
+
+def test_heads_random_reported():
+    m = _model(53, 16, 2, 2, 24, 0)
+    grown, rep = expand(m, Widen("transformer.h.*.attn", factor=2, init="random"),
+                        generator=torch.Generator().manual_seed(0))
+    assert not rep.preserving and rep.preservation_error > 1e-4
+    assert "not preserving" in rep.changes[0].note and grown.config.n_head == 4
 
 
 def test_residual_width_untied_then_more():

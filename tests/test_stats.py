@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from manifold_ext.stats import rank_correlation
+from manifold_ext.stats import rank_correlation, within_seed_correlation
 
 
 def _data(n, noise, seed=0):
@@ -87,3 +87,41 @@ def test_unequal_clusters_take_the_general_path():
     c = rank_correlation(x, y, groups=labels, n_boot=200)
     assert c.spearman_ci[0] <= c.spearman <= c.spearman_ci[1]
     assert c.n == 20
+
+
+def _confounded(rng):
+    """Seeds shift every gain together (a weaker base gains more) and shift the metric the other
+    way; within each seed the metric is noise."""
+    seeds, cands, values, gains = [], [], [], []
+    for s in range(3):
+        for c in range(8):
+            seeds.append(s), cands.append(f"c{c}")
+            gains.append(10 * s + rng.normal())
+            values.append(-s + 0.01 * rng.normal())
+    return seeds, cands, values, gains
+
+
+def test_within_seed_correlation_removes_the_seed_shift():
+    seeds, cands, values, gains = _confounded(np.random.default_rng(0))
+    pooled = rank_correlation(values, gains, groups=cands, n_boot=200)
+    within = within_seed_correlation(values, gains, seeds, cands, n_boot=200)
+    assert pooled.spearman < -0.8  # the shift, not the candidates
+    per_seed = [stats.spearmanr([v for v, s in zip(values, seeds) if s == k],
+                                [g for g, s in zip(gains, seeds) if s == k]).statistic for k in range(3)]
+    assert within.spearman == pytest.approx(np.mean(per_seed))
+    assert within.spearman_ci[0] < within.spearman < within.spearman_ci[1] and within.n == 24
+    # a metric that orders the candidates as the gains do within every seed is perfect
+    exact = [g - 10 * s for g, s in zip(gains, seeds)]
+    assert within_seed_correlation(exact, gains, seeds, cands, n_boot=50).spearman == pytest.approx(1.0)
+
+
+def test_within_seed_correlation_skips_candidates_missing_anywhere_and_ranks_inf_lowest():
+    seeds = [0, 0, 0, 1, 1, 1, 1]
+    cands = ["a", "b", "c", "a", "b", "c", "d"]  # d only in seed 1: dropped
+    values = [-math.inf, 1.0, 2.0, -math.inf, 1.0, 2.0, 9.0]
+    gains = [0.0, 1.0, 2.0, 0.0, 1.0, 2.0, -5.0]
+    c = within_seed_correlation(values, gains, seeds, cands, n_boot=20)
+    assert c.spearman == pytest.approx(1.0) and c.n == 6
+    assert math.isnan(within_seed_correlation([1.0], [1.0], [0], ["a"], n_boot=5).spearman)
+    with pytest.raises(ValueError, match="values, gains, seeds and candidates must be 1-D of one length, got 2, 2, 1 and 2"):
+        within_seed_correlation([1.0, 2.0], [1.0, 2.0], [0], ["a", "b"])

@@ -22,7 +22,8 @@ from torch import nn
 
 from .. import compare as C
 from .. import distributed as D
-from ..builtin import Benchmark, Candidate, Task, benchmark, task_from_arrays, task_from_tokens
+from ..builtin import (Benchmark, Candidate, Task, benchmark, task_from_arrays, task_from_tokens,
+                       transformer_candidates)
 from ._args import CommandError, add_device_argument, have_matplotlib, int_at_least, resolve_device
 from ._load import _load_state as load_state
 from ._load import _read as read_file
@@ -38,7 +39,8 @@ def add_parser(sub, common) -> None:
             "Pre-train a small base model, grow it into candidate expansions, adapt each "
             "briefly, measure its manifold size (three estimators) and 12 baseline metrics, fine-tune "
             "it for a fixed budget, and correlate every metric with the gains over several seeds. "
-            "With no arguments: the MLP on the built-in digits data, 20 candidates, 3 seeds. "
+            "With no arguments: the MLP on the built-in digits data, 20 candidates, 3 seeds; "
+            "--model gpt2: a small GPT-2 language model on Python source, 12 candidates. "
             "With --base: your own trained network is the base (not retrained), grown by the "
             "candidates of --config; with --base and a token file as --data, a language model "
             "(next-token prediction, loss lm).", 88),
@@ -56,10 +58,15 @@ def add_parser(sub, common) -> None:
         "outputs, and every candidate grows from it.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", choices=("mlp", "cnn", "transformer"), default=None,
-                   help="the built-in base model (default: mlp; transformer with --task modular)")
-    p.add_argument("--task", choices=("digits", "modular"), default=None,
-                   help="built-in data: digits (default) or modular addition (a + b) mod 23")
+    p.add_argument("--model", choices=("mlp", "cnn", "gpt2", "transformer"), default=None,
+                   help="the built-in base model: mlp (default) or cnn on the digits, gpt2 (a small "
+                   "Hugging Face GPT-2 language model, needs transformers) on the bytes of Python's "
+                   "standard-library source; transformer (a TinyTransformer classifier) only with "
+                   "--data holding token ids")
+    p.add_argument("--task", choices=("digits", "python"), default=None,
+                   help="built-in data: digits (8x8 images of handwritten digits; for mlp and cnn) or "
+                   "python (byte-level text of the standard library's source, sequences of 64 "
+                   "bytes; for gpt2, or a language model given as --base)")
     p.add_argument("--data", type=Path, default=None,
                    help="your own data: FILE.npz with arrays X and y, or FILE.pt with a dict "
                    "{'X': tensor, 'y': tensor} or a tuple (X, y) of torch tensors (read with "
@@ -71,7 +78,8 @@ def add_parser(sub, common) -> None:
                    "FILE.pt with a dict {'tokens': tensor} (weights_only=True, as above). It "
                    "selects loss lm (next-token cross-entropy: position t predicts token t + 1; "
                    "the accuracy is next-token accuracy); its sequences are split 60/40 (seeded), "
-                   "none cut. It needs --base: there is no built-in language model")
+                   "none cut. It needs --base, your language model (the built-in one, --model gpt2, learns "
+                   "the built-in python text)")
     p.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=None,
                    help="standardise --data's float features: subtract each feature's mean and divide "
                    "by its standard deviation, both from the training split only (a constant feature is "
@@ -98,7 +106,8 @@ def add_parser(sub, common) -> None:
                    "level, and [[candidates]] tables with name and specs, e.g. "
                    "specs = [{type = 'widen', target = '*', factor = 2, init = 'zero'}]")
     p.add_argument("--quick", action="store_true",
-                   help="2 seeds, a shorter budget and cheaper estimators (about a minute)")
+                   help="2 seeds, a shorter budget and cheaper estimators (on 2 CPU cores: the MLP about 30 s, "
+                   "gpt2 (8 of its candidates) about 4 minutes)")
     p.add_argument("--seeds", type=int_at_least(1), default=None, help="override the number of seeds")
     p.add_argument("--out", type=Path, default=None,
                    help="output directory (default: a fresh results/compare-MODEL-TIME)")
@@ -178,8 +187,8 @@ def _setup(args) -> tuple:
     elif args.model is not None:
         raise CommandError("--model chooses a built-in base; with --base, give the base's architecture with --arch")
     cfg = _load_config(args.config) if args.config else {}
-    model = args.model or cfg.pop("model", None) or ("transformer" if args.task == "modular" else "mlp")
-    task = args.task or cfg.pop("task", None) or ("modular" if model == "transformer" else "digits")
+    model = args.model or cfg.pop("model", None) or ("gpt2" if args.task == "python" and args.base is None else "mlp")
+    task = args.task or cfg.pop("task", None)
     cfg.pop("model", None)
     cfg.pop("task", None)
     candidates = cfg.pop("candidates", None)
@@ -188,11 +197,20 @@ def _setup(args) -> tuple:
     tokens = data is not None and "tokens" in data
     if tokens and args.base is None:
         raise CommandError(f"--data {args.data}: a token file (language modelling) needs --base PATH, your trained "
-                           f"language model: there is no built-in language model")
-    settings = _settings(args, cfg, tokens)
-    if settings.loss == "lm" and not tokens:
-        raise CommandError(f"--config {args.config}: loss 'lm' (a language model) needs --data FILE holding token "
-                           f"sequences (an array tokens of shape (N, T)) and --base PATH, your trained language model")
+                           f"language model (the built-in one, --model gpt2, learns the built-in python text)")
+    lm_task = tokens or (args.base is not None and task == "python")
+    bench = None
+    if args.base is None:
+        bench = _builtin(model, task, data, args.data)
+        if args.quick:
+            bench = bench.quick_version()
+    elif tokens and task is not None:
+        raise CommandError(f"--task {task}: not with --data {args.data} (the data are --data's token sequences)")
+    settings = _settings(args, cfg, lm_task, bench)
+    if settings.loss == "lm" and not lm_task and (bench is None or bench.settings.get("loss") != "lm"):
+        raise CommandError(f"--config {args.config}: loss 'lm' (a language model) needs token sequences: --data FILE "
+                           f"holding them (an array tokens of shape (N, T)) or --task python, and --base PATH, "
+                           f"your trained language model (or --model gpt2, the built-in one)")
     base = None
     if args.base is not None:
         candidates = _candidates(candidates) if candidates is not None else None
@@ -207,7 +225,6 @@ def _setup(args) -> tuple:
         bench = Benchmark(_safe_name(args.base), _base_task(args, data, base, standardize), None, candidates)
         _check_base(args, base, bench, settings.loss)
     else:
-        bench = benchmark(model, task)
         if data is not None:
             bench = _with_data(bench, _user_task(data["X"], data["y"], model, standardize))
         if candidates is not None:
@@ -222,21 +239,41 @@ def _setup(args) -> tuple:
     return bench, settings, base
 
 
-def _settings(args, cfg: dict, tokens: bool) -> C.Settings:
-    """The settings of --quick, --config's top level and --seeds; a token file as --data selects
+def _builtin(model: str, task: Optional[str], data: Optional[dict], data_path: Optional[Path]) -> Benchmark:
+    """The built-in benchmark of --model and --task (the TinyTransformer: only with --data)."""
+    if model == "transformer":
+        if data is None:
+            raise CommandError("--model transformer: needs --data FILE holding token ids X and labels y: it has no "
+                               "built-in task (the modular-addition benchmark was removed: its base stayed at chance "
+                               "level); the built-in language-model benchmark is --model gpt2")
+        if task is not None:
+            raise CommandError(f"--task {task}: not with --model transformer (its data are --data's)")
+        return Benchmark("transformer", None, None, transformer_candidates())
+    if model == "gpt2" and data is not None:
+        raise CommandError(f"--data {data_path}: not with --model gpt2 (it learns the built-in python task); "
+                           f"for your own language model and tokens give --base PATH and --data")
+    try:
+        return benchmark(model, task)
+    except (ValueError, ImportError) as err:
+        raise CommandError(f"--model {model}: {err}") from None
+
+
+def _settings(args, cfg: dict, tokens: bool, bench: Optional[Benchmark] = None) -> C.Settings:
+    """The settings of the benchmark, --quick, --config's top level and --seeds (as
+    :func:`manifold_ext.compare.settings_for` combines them); token sequences as the data select
     loss lm (a config that sets another loss is an error)."""
-    settings = dict(C.QUICK) if args.quick else {}
-    settings.update(cfg)
+    settings = dict(cfg)
     if args.seeds is not None:
         settings["seeds"] = args.seeds
     if tokens:
         if settings.get("loss") == "cross_entropy":
-            raise CommandError(f"--config {args.config}: loss = 'cross_entropy' does not fit --data {args.data}, a "
-                               f"token file (token sequences: a language model's next-token prediction, loss 'lm'); "
+            source = f"--data {args.data}, a token file" if args.data is not None else "--task python"
+            raise CommandError(f"--config {args.config}: loss = 'cross_entropy' does not fit {source} (token "
+                               f"sequences: a language model's next-token prediction, loss 'lm'); "
                                f"drop loss or set loss = \"lm\"")
         settings.setdefault("loss", "lm")
     try:
-        return C.Settings.from_dict(settings)
+        return C.settings_for(bench or Benchmark("custom", None), quick=args.quick, **settings)
     except ValueError as err:
         raise CommandError(f"{'--config: ' if args.config else ''}{err}") from None
 
@@ -384,10 +421,10 @@ def _base_task(args, data: Optional[dict], base: nn.Module, standardize: bool) -
         task = _task(X, y, tokens=tokens, standardize=standardize)
     elif tokens and args.task is None:
         raise CommandError(f"--data: required: the base takes {expected_input(base)}, not the built-in digits")
-    elif (args.task or "digits") == "modular":
-        from ..builtin import modular
+    elif args.task == "python":
+        from ..builtin import python_source
 
-        task = modular()
+        task = python_source()
     else:
         from ..builtin import digits
 
@@ -431,7 +468,7 @@ def _with_data(bench: Benchmark, task: Task) -> Benchmark:
     else:
         vocab = int(max(task.x_train.max(), task.x_test.max())) + 1
         make = lambda: models.TinyTransformer(vocab, task.x_train.shape[1], 16, 2, classes)  # noqa: E731
-    return Benchmark(bench.model, task, make, bench.candidates)
+    return dataclasses.replace(bench, task=task, make_base=make)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -492,8 +529,10 @@ def _base_summary(result: C.CompareResult, say) -> None:
     loss = sum(b["test_loss"] for b in bases) / len(bases)
     mean = f" (mean over {len(bases)} seeds)" if len({b["test_accuracy"] for b in bases}) > 1 else ""
     what = "next-token accuracy" if result.settings.get("loss") == "lm" else "accuracy"
+    unigram = bases[0].get("unigram_loss")
+    against = f" (unigram model {unigram:.3g}, uniform {bases[0]['chance_loss']:.3g})" if unigram is not None else ""
     say(f"\nbase{mean}: test {what} {100 * acc:.1f}% (chance {100 * bases[0]['chance_accuracy']:.1f}%), "
-        f"test loss {loss:.3g}")
+        f"test loss {loss:.3g}{against}")
     for w in result.warnings:
         say(f"warning: {w}")
 

@@ -44,16 +44,25 @@ def expand(
             raise TypeError(f"expand: each spec must be a Widen or Deepen, got {type(s).__name__}: {s!r}")
     new = copy.deepcopy(model)
     changes, touched = [], []
+    origin = {id(m): name for name, m in new.named_modules()}  # module -> its path in the base
     for s in specs:
-        step = (family.widen if isinstance(s, Widen) else family.deepen)(new, s, generator)
-        touched += [m for m, _ in step]
-        changes += [c for _, c in step]
+        widened = isinstance(s, Widen)
+        before = dict(new.named_modules())
+        shapes = {n: list(p.shape) for n, p in new.named_parameters()}
+        step = (family.widen if widened else family.deepen)(new, s, generator)
         if family.finish is not None:
             family.finish(new)
+        now = {id(m): name for name, m in new.named_modules()}
+        for m, c in step:
+            c.weights = _weight_shapes(shapes if widened else {}, now[id(m)], m)
+        touched += [m for m, _ in step]
+        changes += [c for _, c in step]
+        _track_origin(origin, before, new, widened)
     # A later Deepen renumbers the Sequential: report every change under its final path.
     final = {id(m): name for name, m in new.named_modules()}
     for c, m in zip(changes, touched):
         c.path = final[id(m)]
+        c.base_path = origin.get(id(m))
     if check_inputs is None:
         check_inputs = family.default_inputs(model)
     err = None if check_inputs is None else preservation_error(model, new, check_inputs)
@@ -67,6 +76,28 @@ def expand(
         check_inputs_shape=None if check_inputs is None else list(check_inputs.shape),
     )
     return new, report
+
+
+def _track_origin(origin: dict, before: dict, new: nn.Module, widened: bool) -> None:
+    """Carry each module's base path across one growth step. A widening step may replace a
+    module by a larger one at the same path: the new object inherits the old one's origin. A
+    deepening step renumbers existing modules (same objects) and inserts new ones (no origin)."""
+    for name, m in new.named_modules():
+        if id(m) not in origin and widened and name in before and id(before[name]) in origin:
+            origin[id(m)] = origin[id(before[name])]
+
+
+def _weight_shapes(shapes: dict, path: str, module: nn.Module) -> dict:
+    """``{name: [shape before the step, shape after]}`` of the module's parameters (names relative
+    to it) whose shape the step changed, as torch stores them (``nn.Linear``: ``(out, in)``; a
+    Hugging Face ``Conv1D``: ``(in, out)``). ``shapes``: every parameter's shape before the step,
+    by full name (empty for a deepening step: each of its modules is new, with ``[]`` before)."""
+    out = {}
+    for n, p in module.named_parameters():
+        old = shapes.get(f"{path}.{n}" if path else n, [])
+        if old != list(p.shape):
+            out[n] = [old, list(p.shape)]
+    return out
 
 
 @torch.no_grad()

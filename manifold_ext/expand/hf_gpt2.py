@@ -20,18 +20,18 @@ Paths are those of the model: ``transformer.h.<i>`` for a ``GPT2LMHeadModel``, `
   new weights: not preserving. ``GPT2Config.n_inner`` is one number for every block, so a width
   spec must leave every block with the same width: widen all blocks at once (``"transformer.h.*.mlp"``);
   widening a subset is refused with a ValueError (the grown model would not reload).
-* ``Widen("transformer.h.<i>.attn", ...)`` (more attention heads): **refused** (ValueError).
-  ``GPT2Attention`` ties the attention width to the residual width: it computes
-  ``head_dim = n_embd // n_head``, builds ``c_attn`` as ``Conv1D(3 * n_embd, n_embd)`` and
-  ``c_proj`` as ``Conv1D(n_embd, n_embd)``, and splits q/k/v by ``split_size = n_embd``;
-  ``GPT2Config`` has no ``head_dim``. Adding heads with the head dimension kept makes the
-  attention width ``n_head * head_dim > n_embd``, which a ``GPT2Config`` cannot describe:
-  it would run in memory (after patching ``split_size``) but ``from_pretrained`` would rebuild
-  the heads with ``head_dim = n_embd // n_head`` (or fail on the shapes). Keeping the attention
-  width instead (a smaller ``head_dim``) repartitions the existing heads and changes the
-  function. Neither is a function-preserving growth that reloads, so none is offered.
-  A glob (``"transformer.h.*"``, ``"*"``) skips the attention modules; an exact ``attn`` path,
-  or a glob that matches only attention modules, is the ValueError.
+* ``Widen("transformer.h.*.attn", size|factor, init)`` (more attention heads, counted in heads;
+  every block at once: ``n_head`` is one number, else ValueError; ``GPT2LMHeadModel`` only).
+  ``GPT2Attention`` ties the attention width to the residual width (``head_dim = n_embd //
+  n_head``, no ``head_dim`` in ``GPT2Config``), so adding ``a`` heads at the same ``head_dim`` grows
+  ``n_embd`` by ``a * head_dim``: the residual growth below, with ``k = 1`` (every new residual
+  unit a mean unit: exact), and the new heads appended after the existing ones in ``c_attn``'s
+  q, k and v columns and ``attn.c_proj``'s rows. ``net2net``: new heads copy existing ones
+  (drawn without replacement in rounds), each source's ``c_proj`` rows divided by its number of
+  copies: exact. ``zero``: fresh q/k/v columns N(0, initializer_range), zero ``c_proj`` rows:
+  exact. ``random``: fresh ``c_proj`` rows and fresh residual units: not preserving. ``n_head``
+  and ``n_embd`` in the config follow. A glob (``"transformer.h.*"``, ``"*"``) selects the
+  feed-forward modules only; a target that selects only attention modules grows heads.
 * ``Deepen(after="transformer.h.<i>", count, init)``: inserts blocks after block ``i`` (the
   ``nn.ModuleList`` ``h`` is renumbered; every block's ``attn.layer_idx``, used by the KV cache,
   is reset to its index; ``config.n_layer`` follows). ``zero``: a fresh block (``Conv1D`` weights
@@ -88,6 +88,7 @@ checks 1e-5.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections import OrderedDict
 from typing import Optional
@@ -100,7 +101,7 @@ from .registry import Family
 from .report import LayerChange
 from .specs import Deepen, Widen
 from .transformer import select
-from .width import widen
+from .width import _plan, widen
 
 _CLASSES = ("GPT2LMHeadModel", "GPT2Model")
 
@@ -127,7 +128,7 @@ def _widenable(model) -> str:
     p = _prefix(model)
     return (f"{p}.<i>.mlp (feed-forward units; every block at once, e.g. '{p}.*.mlp'); "
             f"by exact path only: '{p[:-1]}wte' (the residual width n_embd, GPT2LMHeadModel only); "
-            f"attention heads ({p}.<i>.attn) cannot be added")
+            f"attention heads: '{p}.*.attn' (every block at once; grows n_embd, GPT2LMHeadModel only)")
 
 
 def _shape(t) -> list:
@@ -184,14 +185,15 @@ def widen_gpt2(model, spec: Widen, generator: Optional[torch.Generator]) -> list
         cands += [(f"{p}.{name}.mlp", "ff"), (f"{p}.{name}.attn", "heads")]
     hits = select(model, spec, cands, _widenable(model))
     ff = [h for h in hits if h[1] == "ff"]
-    if not ff:  # only attention modules were named
-        raise ValueError(
-            f"Widen.target={spec.target!r}: cannot add attention heads to GPT-2: GPT2Attention ties the "
-            "attention width to n_embd (head_dim = n_embd // n_head, c_attn is Conv1D(3 * n_embd, n_embd), "
-            "q/k/v are split by n_embd) and GPT2Config has no head_dim, so more heads of the same head_dim "
-            "would not reload with from_pretrained, and more heads of a smaller head_dim change the function; "
-            f"widenable: {_widenable(model)}"
-        )
+    if not ff:  # only attention modules were named: more heads
+        paths = sorted(h[0] for h in hits)
+        if len(paths) != len(blocks):
+            raise ValueError(
+                f"Widen.target={spec.target!r} selects {len(paths)} of the {len(blocks)} blocks' attention; "
+                f"GPT2Config.n_head is one number for all blocks (and adding heads grows n_embd): widen every "
+                f"block's heads at once ('{p}.*.attn')")
+        change = _widen_residual(model, spec, generator, heads=True)
+        return [(blk.attn, dataclasses.replace(change, detail=dict(change.detail))) for blk in blocks]
     # GPT2Config.n_inner is one number: every block must end with the same feed-forward width.
     new = {}
     for path, _ in ff:
@@ -216,26 +218,37 @@ def widen_gpt2(model, spec: Widen, generator: Optional[torch.Generator]) -> list
 
 # --- residual width -------------------------------------------------------------------------------
 
-def _widen_residual(model, spec: Widen, generator) -> LayerChange:
-    """Grow ``n_embd`` D -> m (and with it the attention width and ``head_dim``), see the module
-    docstring."""
+def _widen_residual(model, spec: Widen, generator, heads: bool = False) -> LayerChange:
+    """Grow ``n_embd`` D -> m (and with it the attention width and ``head_dim``); with ``heads``,
+    grow ``n_head`` instead, ``n_embd`` with it by the new heads' dimensions (``head_dim`` kept).
+    See the module docstring."""
     base = _base(model)
     cfg = model.config
     path = spec.target
     D = int(base.wte.weight.shape[1])
-    m = spec.new_width(path, "Embedding", D)
+    n = int(cfg.n_head)
+    if heads:
+        n2 = spec.new_width(path, "GPT2Attention", n)
+        m = D + (n2 - n) * (D // n)
+    else:
+        n2, m = n, spec.new_width(path, "Embedding", D)
     if not hasattr(model, "lm_head"):
-        raise ValueError(f"Widen.target={path!r}: the residual width of a GPT2Model is its output "
-                         "(last_hidden_state) width; widen a GPT2LMHeadModel's 'transformer.wte' instead")
+        what = "more heads grow n_embd, which" if heads else "the residual width of a GPT2Model"
+        raise ValueError(f"Widen.target={path!r}: {what} is its output (last_hidden_state) width; "
+                         f"grow a GPT2LMHeadModel instead")
     if getattr(cfg, "add_cross_attention", False):
         raise ValueError(f"Widen.target={path!r}: a GPT-2 with cross-attention (add_cross_attention) reads an "
                          "encoder's hidden states of width n_embd; its residual width is not grown")
-    n = int(cfg.n_head)
-    if m % n:
+    if m % n2:
         raise ValueError(f"Widen.target={path!r}: GPT-2's attention width is n_embd and head_dim = n_embd // n_head, "
                          f"so the new width must be a multiple of n_head={n}, got {m}")
-    hd, hd2 = D // n, m // n
-    if spec.init == "net2net":
+    hd, hd2 = D // n, m // n2
+    if heads:  # new residual units are mean units (fresh for random); the new heads are copies or fresh
+        k, n_mean, n_fresh = 1, (m - D if spec.init != "random" else 0), (m - D if spec.init == "random" else 0)
+        copies = (_plan(n, n2, "net2net", False, generator)[0] if spec.init == "net2net"
+                  else torch.zeros(0, dtype=torch.long))
+        counts = torch.bincount(torch.cat([torch.arange(n), copies]), minlength=n)
+    elif spec.init == "net2net":
         k, n_mean, n_fresh = m // D, m % D, 0
     elif spec.init == "zero":
         k, n_mean, n_fresh = 1, m - D, 0
@@ -297,6 +310,36 @@ def _widen_residual(model, spec: Widen, generator) -> LayerChange:
         new_shape[dim] = parts_n * n * hd2
         return out.reshape(new_shape)
 
+    def add_heads(t, dim, parts_n, rows):
+        """Along ``dim`` (``parts_n`` blocks of n heads of hd): n2 - n new heads. q/k/v columns
+        (``rows`` False): copies of their source heads (net2net) or fresh N(0, std); c_proj rows
+        (``rows`` True): each source head's rows and its copies' divided by its copy count
+        (net2net), zero (zero) or fresh (random)."""
+        t = t.detach()
+        shape = list(t.shape)
+        shape[dim:dim + 1] = [parts_n, n, hd]
+        v = t.reshape(shape)
+        pad = list(shape)
+        pad[dim + 1] = n2 - n
+        if spec.init == "net2net":
+            c = counts.to(t.device, t.dtype)
+            src = torch.cat([torch.arange(n), copies]).to(t.device)
+            view = [1] * len(shape)
+            view[dim + 1] = n2
+            out = v.index_select(dim + 1, src)
+            if rows:
+                out = out / c[src].view(view)
+        else:
+            fill = (t.new_zeros(pad) if rows and spec.init == "zero" else L.gaussian(tuple(pad), std, t, generator))
+            out = torch.cat([v, fill], dim + 1)
+        if noise and not rows:
+            sl = [slice(None)] * out.dim()
+            sl[dim + 1] = slice(n, None)
+            out[tuple(sl)] += L.gaussian(out[tuple(sl)].shape, noise, out, generator)
+        new_shape = list(t.shape)
+        new_shape[dim] = parts_n * n2 * hd
+        return out.reshape(new_shape)
+
     fresh_heads = std if spec.init == "random" else 0.0
     lns = [base.ln_f] + [ln for b in base.h for ln in (b.ln_1, b.ln_2)]
     gain_ok = True
@@ -318,21 +361,27 @@ def _widen_residual(model, spec: Widen, generator) -> LayerChange:
                 L.replace_param(ln, "bias", torch.cat([b[g.to(b.device)] * scale, b.new_zeros(extra)]))
             ln.eps = ln.eps * shrink
             ln.normalized_shape = (m,)
-        qs = math.sqrt(hd2 / hd) if getattr(cfg, "scale_attn_weights", True) else 1.0
+        qs = math.sqrt(hd2 / hd) if hd2 != hd and getattr(cfg, "scale_attn_weights", True) else 1.0
         for blk in base.h:
             att, mlp = blk.attn, blk.mlp
             # c_attn (D, 3D): residual rows read, then every head padded to hd2 (q scaled for the new 1/sqrt(hd2))
-            w = pad_heads(read(att.c_attn.weight, 0), 1, 3, qs, fresh_heads)
+            if heads:
+                w = add_heads(read(att.c_attn.weight, 0), 1, 3, False)
+                L.replace_param(att.c_attn, "bias", add_heads(att.c_attn.bias, 0, 3, False))
+            else:
+                w = pad_heads(read(att.c_attn.weight, 0), 1, 3, qs, fresh_heads)
+                L.replace_param(att.c_attn, "bias", pad_heads(att.c_attn.bias, 0, 3, qs, fresh_heads))
             L.replace_param(att.c_attn, "weight", w)
-            L.replace_param(att.c_attn, "bias", pad_heads(att.c_attn.bias, 0, 3, qs, fresh_heads))
             att.c_attn.nx, att.c_attn.nf = w.shape
             # attn c_proj (D, D): new head dims' rows zero (fresh for random), residual columns written
-            w = pad_heads(att.c_proj.weight, 0, 1, 1.0, fresh_heads)
+            w = add_heads(att.c_proj.weight, 0, 1, True) if heads else pad_heads(att.c_proj.weight, 0, 1, 1.0,
+                                                                                        fresh_heads)
             L.replace_param(att.c_proj, "weight", grow(w, 1))
             L.replace_param(att.c_proj, "bias", grow(att.c_proj.bias, 0, 0.0))
             att.c_proj.nx, att.c_proj.nf = att.c_proj.weight.shape
             att.embed_dim = att.split_size = m
             att.head_dim = hd2
+            att.num_heads = n2
             if getattr(cfg, "scale_attn_weights", True):
                 att.scaling = att.scaling * math.sqrt(hd / hd2)
             L.replace_param(mlp.c_fc, "weight", read(mlp.c_fc.weight, 0))
@@ -348,7 +397,10 @@ def _widen_residual(model, spec: Widen, generator) -> LayerChange:
         base.embed_dim = m
     for c in {id(model.config): model.config, id(base.config): base.config}.values():
         c.n_embd = m
+        c.n_head = n2
         c.layer_norm_epsilon = c.layer_norm_epsilon * shrink
+    if heads:
+        return _heads_change(spec, n, n2, D, m, hd, n_mean, copies, shrink, gain_ok, noise)
     if spec.init == "random" and m > D:
         exact, note = False, ("random: fresh residual units (wte/wpe columns, c_proj columns, c_attn/c_fc rows) and "
                               "head dims: not preserving")
@@ -374,6 +426,25 @@ def _widen_residual(model, spec: Widen, generator) -> LayerChange:
                                   "c_fc": _shape(base.h[0].mlp.c_fc.weight),
                                   "mlp.c_proj": _shape(base.h[0].mlp.c_proj.weight)}},
     )
+
+
+def _heads_change(spec, n, n2, D, m, hd, n_mean, copies, shrink, gain_ok, noise) -> LayerChange:
+    if spec.init == "random" and n2 > n:
+        exact, note = False, "random: fresh heads (q/k/v columns and c_proj rows) and residual units: not preserving"
+    else:
+        how = ("copy existing heads (q/k/v columns; each source's c_proj rows divided among its copies)"
+               if spec.init == "net2net" else "are fresh (q/k/v columns) with zero c_proj rows")
+        exact = gain_ok and not (noise and n2 > n)
+        note = (f"{spec.init}: {n2 - n} new heads of head_dim {hd} {how}; n_embd {D} -> {m} by {n_mean} mean units "
+                f"(LayerNorm eps x{shrink:.6g}, gains x its sqrt)"
+                + ("" if gain_ok else "; a LayerNorm without gain: not preserving")
+                + (f"; noise std {noise}: not preserving" if noise and n2 > n else "")
+                + (": exact" if exact else ""))
+    return LayerChange(
+        op="widen", path=spec.target, kind="GPT2Attention", init=spec.init, before=[D, n], after=[m, n2],
+        exact=exact, note=note,
+        detail={"n_head": [n, n2], "n_embd": [D, m], "head_dim": hd, "sources": [int(i) for i in copies],
+                "mean_units": n_mean, "eps_scale": shrink})
 
 
 # --- depth ----------------------------------------------------------------------------------------

@@ -19,6 +19,11 @@ class LayerChange:
     ``[residual width, heads]`` of an inserted block for ``kind="TransformerBlock"`` (path ``blocks.<i>``). ``exact``: the operator preserves the function
     exactly (up to float rounding) for this layer; ``note`` says why or why not. ``detail``:
     operator-specific counts (copied, mean and fresh units; the Sequential index of insertion).
+    ``base_path``: the module's path in the base model (None for an inserted module).
+    ``weights``: ``{parameter name (relative to the module): [shape before, shape after]}`` for
+    each of the module's parameters whose shape this step changed (every parameter of an
+    inserted module, with ``[]`` before), as torch stores them: ``(out, in)`` for an
+    ``nn.Linear``, ``(out, in, kh, kw)`` for a Conv2d, ``(in, out)`` for a Hugging Face ``Conv1D``.
     """
 
     op: str
@@ -30,6 +35,8 @@ class LayerChange:
     exact: bool
     note: str = ""
     detail: Dict[str, Any] = field(default_factory=dict)
+    base_path: Optional[str] = None
+    weights: Dict[str, List[List[int]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -72,10 +79,18 @@ class ExpansionReport:
     def summary(self) -> str:
         """One line per change plus the totals, for logs."""
         lines = [
-            f"{c.op} {c.path} ({c.kind}, {c.init}): {c.before} -> {c.after}, "
+            f"{c.op} {c.path}{_was(c)} ({c.kind}, {c.init}): {c.before} -> {c.after}, "
             f"{'exact' if c.exact else 'not exact'}: {c.note}"
             for c in self.changes
         ]
         err = "not measured" if self.preservation_error is None else f"{self.preservation_error:.3g}"
         lines.append(f"params {self.params_before} -> {self.params_after}; preserving={self.preserving}; max error {err}")
         return "\n".join(lines)
+
+
+def _was(change: LayerChange) -> str:
+    """`` (base: PATH)`` where the module's base path differs from its grown one, `` (new)`` for
+    an inserted module."""
+    if change.base_path is None:
+        return " (new)"
+    return "" if change.base_path == change.path else f" (base: {change.base_path})"
