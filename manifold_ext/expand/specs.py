@@ -26,9 +26,15 @@ def _check_path(cls: str, arg: str, value) -> None:
 
 @dataclass(frozen=True)
 class Widen:
-    """Widen the hidden layer after each selected ``nn.Linear``, or the channels of an ``nn.Conv2d``.
+    """Widen the hidden layer after each selected ``nn.Linear``, or the channels of an ``nn.Conv2d``;
+    in the other families (:mod:`manifold_ext.expand.registry`), the module the family widens at
+    that path: a ``TinyTransformer`` block's feed-forward width, heads or residual width, a
+    ``ResNetCNN`` or torchvision ResNet's block or stage channels, a Hugging Face GPT-2's or
+    LLaMA's feed-forward width (``"transformer.h.*.mlp"``, ``"model.layers.*.mlp"``), heads
+    (``"...attn"``, ``"...self_attn"``) or residual width (``"transformer.wte"``,
+    ``"model.embed_tokens"``); each family module's docstring lists its paths and operators.
 
-    ``target`` is a child name of the ``nn.Sequential`` (``"0"``) or an ``fnmatch`` glob (``"*"``).
+    For an ``nn.Sequential``, ``target`` is a child name (``"0"``) or an ``fnmatch`` glob (``"*"``).
     An exact path must name a hidden Linear (one followed by another Linear) or a Conv2d read by a
     later Conv2d or (through an ``nn.Flatten``) Linear, see ``conv``; a glob silently skips
     modules that are neither, so ``"*"`` means "every hidden layer and channel set".
@@ -89,7 +95,10 @@ class Deepen:
     ``init`` is ``"zero"`` (preserving), ``"random"`` or ``"copy"``, see ``resnet``.
     On a ``manifold_ext.models.TinyTransformer``, ``after`` names a block (``"blocks.0"``, or a glob)
     and new pre-LN blocks go right after it; ``init`` is ``"zero"`` (preserving), ``"random"`` or
-    ``"copy"``, see ``transformer.deepen_transformer``.
+    ``"copy"``, see ``transformer.deepen_transformer``. On a Hugging Face GPT-2 or LLaMA, ``after``
+    names a block (``"transformer.h.1"``, ``"model.layers.1"``); on a torchvision ResNet, a stage
+    (``"layer2"``); ``init`` as for the TinyTransformer (see ``hf_gpt2``, ``hf_llama``,
+    ``tv_resnet``).
     """
 
     after: str
