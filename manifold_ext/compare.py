@@ -42,7 +42,7 @@ from .builtin import Benchmark, Candidate, Task
 from .expand import Widen, expand, preservation_error
 from .outputs import logits
 from .outputs import mean_loss as _output_loss
-from .stats import gain_signal, rank_correlation
+from .stats import gain_signal, rank_correlation, within_seed_correlation
 
 ESTIMATOR_NAMES = tuple(M.ESTIMATORS)
 PRESERVING = 1e-4  # an expansion whose measured preservation error is below this preserves the function
@@ -505,7 +505,10 @@ class CompareResult:
         units: one record per (seed, candidate): sizes, baselines, gains, timings.
         ranking: one row per candidate: mean gains, parameters, mean default size.
         correlations: one row per metric: Spearman and Kendall with the gains over the base,
-            with intervals; Spearman over the function-preserving expansions and the control
+            computed within each seed and averaged over the seeds, with bootstrap intervals over
+            candidates (:func:`manifold_ext.stats.within_seed_correlation`); the same pooled over
+            all units (``pooled_spearman``, secondary: seed-to-seed shifts of the base enter
+            it); within-seed Spearman over the function-preserving expansions and the control
             alone; and the share of equal-size candidate pairs put in the right order.
         signal: whether the gains differ beyond the seed spread:
             :func:`manifold_ext.stats.gain_signal` of the gains over the base.
@@ -773,13 +776,17 @@ def summarise(bench: Benchmark, settings: Settings, bases: List[dict], units: Li
     # seen, without the broken candidates whose collapse any metric can spot.
     kept = [i for i, u in enumerate(units)
             if u["preservation_error"] is not None and u["preservation_error"] <= PRESERVING]
+    seeds_of = [u["seed"] for u in units]
     correlations = []
     for name in metric_names(settings):
         values = [_metric(u, name) for u in units]
-        c = rank_correlation(values, gains, metric=name, groups=groups, n_boot=settings.n_boot, seed=0)
+        c = within_seed_correlation(values, gains, seeds_of, groups, metric=name, n_boot=settings.n_boot, seed=0)
         row = asdict(c)
-        sub = rank_correlation([values[i] for i in kept], [gains[i] for i in kept], groups=[groups[i] for i in kept],
-                               n_boot=settings.n_boot, seed=0)
+        pooled = rank_correlation(values, gains, metric=name, groups=groups, n_boot=settings.n_boot, seed=0)
+        row["pooled_spearman"], row["pooled_spearman_ci"] = pooled.spearman, pooled.spearman_ci
+        sub = within_seed_correlation([values[i] for i in kept], [gains[i] for i in kept],
+                                      [seeds_of[i] for i in kept], [groups[i] for i in kept],
+                                      n_boot=settings.n_boot, seed=0)
         row["preserving_spearman"], row["preserving_spearman_ci"], row["preserving_n"] = \
             sub.spearman, sub.spearman_ci, sub.n
         row["equal_size_order"] = _equal_size_order(units, name)
