@@ -47,6 +47,7 @@ from .stats import gain_signal, rank_correlation, within_seed_correlation
 ESTIMATOR_NAMES = tuple(M.ESTIMATORS)
 PRESERVING = 1e-4  # an expansion whose measured preservation error is below this preserves the function
 CHANCE_MARGIN = 0.05  # a base less than this (5 points of accuracy) above chance is at chance level
+CHANCE_CAP = 0.5  # the threshold lies at most this fraction of the way from the base's loss to ln K
 UNIGRAM_MARGIN = 0.1  # a language model whose test loss is not this far (nats) below the unigram's
 SIGNAL_P = 0.05  # a Friedman p-value above this: the gains do not differ beyond the seed spread
 LOSSES = ("cross_entropy", "lm")  # Settings.loss: classification, or next-token prediction
@@ -67,9 +68,11 @@ class Settings:
         lr, batch_size: all training.
         probe_examples: training examples the estimators and baselines see (the probe set); for
             ``loss="lm"``, training sequences.
-        threshold: the common loss threshold, a multiple of the base's loss on the probe set. It
-            should stay below the chance-level loss ln(K) (uniform predictions over the base's K
-            classes, or its vocabulary for ``loss="lm"``): a result warns when it does not.
+        threshold: the common loss threshold, a multiple of the base's loss on the probe set,
+            capped at halfway from that loss to the chance-level loss ln(K) (uniform predictions
+            over the base's K classes, or its vocabulary for ``loss="lm"``), so it never reaches
+            chance: see :func:`loss_threshold` (each base in the results records its threshold
+            and whether the cap applied).
         estimators: which manifold-size estimators to run.
         estimator_options: per estimator, keyword arguments (e.g. ``{"radius": {"directions": 8}}``).
         baselines: which baseline metrics to compute (names of :data:`manifold_ext.baselines.BASELINES`).
@@ -376,6 +379,16 @@ def _targets(y: torch.Tensor, loss: str) -> torch.Tensor:
     return y[y != IGNORE]
 
 
+def loss_threshold(multiple: float, base_loss: float, chance_loss: float) -> float:
+    """The common loss threshold of a run: ``multiple`` x the base's probe loss, but never more
+    than ``CHANCE_CAP`` (half) of the way from the base's loss to the chance-level loss ``ln K``
+    (uniform predictions over K outputs), so that the low-loss region never takes in a model no
+    better than chance; a base at or above chance gets its own loss."""
+    if base_loss >= chance_loss:
+        return min(multiple * base_loss, base_loss)
+    return min(multiple * base_loss, base_loss + CHANCE_CAP * (chance_loss - base_loss))
+
+
 def unigram_loss(task: Task) -> float:
     """For ``loss="lm"``: the test loss of the unigram model, which predicts every token from the
     training targets' frequencies alone (add-one smoothed over ``max id + 1`` tokens), the loss a
@@ -647,7 +660,10 @@ def compare(bench: Benchmark, settings: Settings, out: Path, *, base: Optional[n
         base_loss = mean_loss(model, *probe, settings.loss)
         bases.append({"seed": seed, "test_accuracy": accuracy(model, t.x_test, t.y_test, settings.loss),
                       "test_loss": mean_loss(model, t.x_test, t.y_test, settings.loss), "chance_accuracy": chance,
-                      "probe_loss": base_loss, "threshold": settings.threshold * base_loss,
+                      "probe_loss": base_loss,
+                      "threshold": loss_threshold(settings.threshold, base_loss, math.log(outputs)),
+                      "threshold_capped": loss_threshold(settings.threshold, base_loss, math.log(outputs))
+                      < settings.threshold * base_loss,
                       "chance_loss": math.log(outputs), "outputs": outputs, "unigram_loss": unigram,
                       "parameters": sum(p.numel() for p in model.parameters())})
     jobs = [(seed, cand) for seed in range(settings.seeds) for cand in bench.candidates]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -66,9 +66,12 @@ def metrics_vs_gain(result: CompareResult, path: Path) -> Path:
     return Path(path)
 
 
-def paths(bench: Benchmark, settings: Settings, base, path: Path, *, steps: int = 17) -> Path:
+def paths(bench: Benchmark, settings: Settings, base, path: Path, *, steps: int = 17,
+          tau: Optional[float] = None) -> Path:
     """Probe-set loss on the segment from each candidate as expanded (t=0) to the same model
-    after its adaptation (t=1), for the seed-0 base, against the common threshold."""
+    after its adaptation (t=1), for the seed-0 base, against the common threshold ``tau`` (the
+    run's, ``result.bases[0]["threshold"]``; None: ``settings.threshold`` x the base's probe
+    loss, uncapped)."""
     task = bench.task
     probe = (task.x_train[:settings.probe_examples], task.y_train[:settings.probe_examples])
     fig, axes = _figure(1, 1, 10, 4.2)
@@ -78,8 +81,8 @@ def paths(bench: Benchmark, settings: Settings, base, path: Path, *, steps: int 
         res = probes.linear_path(expanded, adapted, probe, steps=steps, quiet=True, loss=settings.loss)
         style = "-" if _kind(cand.name) != "depth" else "--"
         ax.plot(res.t, res.loss, style, lw=1, label=cand.name, color=f"C{i % 10}")
-    base_loss = probes.linear_path(base, base, probe, steps=2, quiet=True, loss=settings.loss).loss[0]
-    tau = settings.threshold * base_loss
+    if tau is None:
+        tau = settings.threshold * probes.linear_path(base, base, probe, steps=2, quiet=True, loss=settings.loss).loss[0]
     ax.axhline(tau, color="k", ls=":", lw=1, label="threshold")
     ax.set_yscale("log")
     ax.set(xlabel="t: expanded (0) to adapted (1)", ylabel="probe loss (log)")
@@ -89,15 +92,15 @@ def paths(bench: Benchmark, settings: Settings, base, path: Path, *, steps: int 
 
 
 def simplex_slice(bench: Benchmark, settings: Settings, base, candidate_name: str, path: Path,
-                  *, grid=(-0.5, 1.5, 25)) -> Path:
+                  *, grid=(-0.5, 1.5, 25), tau: Optional[float] = None) -> Path:
     """The loss on the plane of a 2-simplex grown around the adapted candidate (seed 0), with the
-    simplex and the threshold's contour drawn on it."""
+    simplex and the threshold's contour drawn on it (``tau`` as in :func:`paths`)."""
     task = bench.task
     probe = (task.x_train[:settings.probe_examples], task.y_train[:settings.probe_examples])
     cand = next(c for c in bench.candidates if c.name == candidate_name)
     _, adapted, _, _ = grow_and_adapt(base, cand, task, settings, seed=0)
-    base_loss = probes.linear_path(base, base, probe, steps=2, quiet=True, loss=settings.loss).loss[0]
-    tau = settings.threshold * base_loss
+    if tau is None:
+        tau = settings.threshold * probes.linear_path(base, base, probe, steps=2, quiet=True, loss=settings.loss).loss[0]
     opts = dict(settings.estimator_options.get("simplex", {}))
     opts["k"] = 2
     est, vertices = M.simplex(adapted, probe, tau=tau, seed=0, quiet=True, return_vertices=True,
@@ -128,8 +131,9 @@ def all_figures(bench: Benchmark, settings: Settings, result: CompareResult, bas
     candidate's adaptation path, and (when the run measures ``simplex``) a simplex's loss plane."""
     out = Path(out)
     top = result.ranking[0]["candidate"]
+    tau = result.bases[0]["threshold"]
     figures = [metrics_vs_gain(result, out / "metrics_vs_gain.png"),
-               paths(bench, settings, base, out / "paths.png")]
+               paths(bench, settings, base, out / "paths.png", tau=tau)]
     if "simplex" in settings.estimators:
-        figures.append(simplex_slice(bench, settings, base, top, out / "simplex_slice.png"))
+        figures.append(simplex_slice(bench, settings, base, top, out / "simplex_slice.png", tau=tau))
     return figures

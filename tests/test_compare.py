@@ -83,8 +83,8 @@ def test_results_gains_and_tables(tiny_run):
         base = C.load_base(bench, out, seed)
         base_acc = C.accuracy(base, bench.task.x_test, bench.task.y_test)
         assert result.bases[seed]["test_accuracy"] == base_acc
-        assert result.bases[seed]["threshold"] == pytest.approx(
-            2.0 * C.mean_loss(base, bench.task.x_train[:64], bench.task.y_train[:64]))
+        probe_loss = C.mean_loss(base, bench.task.x_train[:64], bench.task.y_train[:64])
+        assert result.bases[seed]["threshold"] == pytest.approx(C.loss_threshold(2.0, probe_loss, math.log(10)))
         units = {u["candidate"]: u for u in result.units if u["seed"] == seed}
         for u in units.values():
             assert u["gain_over_base"] == pytest.approx(100 * (u["test_accuracy"] - base_acc))
@@ -153,6 +153,14 @@ def test_candidate_round_trip_and_spec_errors():
         builtin.spec_from_dict({"type": "grow"})
     with pytest.raises(ValueError, match=r"Widen: invalid keys \['width'\]"):
         builtin.spec_from_dict({"type": "widen", "target": "*", "width": 3})
+
+
+def test_loss_threshold_never_reaches_the_chance_level_loss():
+    assert C.loss_threshold(2.0, 0.3, math.log(10)) == pytest.approx(0.6)  # a good base: the multiple
+    assert C.loss_threshold(2.0, 1.5, math.log(10)) == pytest.approx(1.5 + 0.5 * (math.log(10) - 1.5))  # capped
+    assert C.loss_threshold(2.0, 3.0, math.log(10)) == 3.0  # a base above chance: its own loss
+    for loss in (0.01, 0.5, 1.0, 2.0, 2.29):
+        assert C.loss_threshold(5.0, loss, math.log(10)) < math.log(10)
 
 
 def test_builtin_benchmarks_have_equal_size_pairs_and_enough_candidates():
@@ -288,3 +296,17 @@ def test_python_api_with_own_model_data_and_candidates(tmp_path):
     params = {u["candidate"]: u["parameters"] for u in result.units}
     assert params == {"control": 7 * 3 + 3 + 3 * 2 + 2, "wider": 7 * 6 + 6 + 6 * 2 + 2}
     assert all(math.isfinite(u["sizes"]["radius"]) for u in result.units)
+
+
+def test_capped_threshold_is_reported(capsys):
+    from types import SimpleNamespace
+
+    from manifold_ext.cli.compare import _base_summary
+
+    bases = [{"test_accuracy": 0.5, "test_loss": 1.0, "chance_accuracy": 0.1, "chance_loss": math.log(10),
+              "outputs": 10, "threshold": 1.65, "threshold_capped": True},
+             {"test_accuracy": 0.6, "test_loss": 0.5, "chance_accuracy": 0.1, "chance_loss": math.log(10),
+              "outputs": 10, "threshold": 1.0, "threshold_capped": False}]
+    _base_summary(SimpleNamespace(bases=bases, settings={"threshold": 2.0}, warnings=[]), print)
+    assert ("threshold: 2 x the base's probe loss would lie more than halfway to the chance-level loss ln(10) = "
+            "2.3 for 1 of the 2 seeds' bases: capped halfway (1.65)") in capsys.readouterr().out

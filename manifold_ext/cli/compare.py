@@ -535,6 +535,12 @@ def _base_summary(result: C.CompareResult, say) -> None:
     against = f" (unigram model {unigram:.3g}, uniform {bases[0]['chance_loss']:.3g})" if unigram is not None else ""
     say(f"\nbase{mean}: test {what} {100 * acc:.1f}% (chance {100 * bases[0]['chance_accuracy']:.1f}%), "
         f"test loss {loss:.3g}{against}")
+    capped = [b for b in bases if b.get("threshold_capped")]
+    if capped:
+        values = ", ".join(f"{b['threshold']:.3g}" for b in capped)
+        say(f"threshold: {result.settings['threshold']:g} x the base's probe loss would lie more than halfway to the "
+            f"chance-level loss ln({bases[0]['outputs']}) = {bases[0]['chance_loss']:.3g} for {len(capped)} of the "
+            f"{len(bases)} seeds' bases: capped halfway ({values})")
     for w in result.warnings:
         say(f"warning: {w}")
 
