@@ -482,3 +482,42 @@ def test_python_m_error_has_no_traceback_unless_debug(files, tmp_path):
     assert debug.returncode != 0
     assert "Traceback (most recent call last)" in debug.stderr
     assert "CommandError: CHECKPOINT" in debug.stderr
+
+
+# ----------------------------------------------------------------------------- argparse edges
+
+
+@pytest.mark.parametrize("argv,want", [
+    (["compare", "--seed", "1"], "manifold-ext compare: error: unrecognized arguments: --seed 1; did you mean --seeds?"),
+    (["compare", "--quik"], "manifold-ext compare: error: unrecognized arguments: --quik; did you mean --quick?"),
+    (["info", "--zzzzzz"], "manifold-ext info: error: unrecognized arguments: --zzzzzz"),
+])
+def test_unknown_options_never_abbreviate_and_suggest(argv, want, capsys):
+    from manifold_ext.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exc:
+        cli_main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == want
+
+
+def test_ctrl_c_in_compare_is_one_line_with_the_resume_hint(monkeypatch, capsys):
+    from manifold_ext import compare as C
+    from manifold_ext.cli import main as cli_main
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(C, "compare", interrupted)
+    assert cli_main(["compare", "--quick", "--no-plot", "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert err == ("manifold-ext compare: interrupted; finished work is kept: run the same command with --out DIR "
+                   "--resume (DIR: the output directory it printed) to continue\n")
+
+
+def test_closed_pipe_is_quiet():
+    """``manifold-ext info | true``: the reader has gone before the output is written."""
+    r = subprocess.run(f"'{sys.executable}' -m manifold_ext info | true; echo ${{PIPESTATUS[0]}}", shell=True,
+                       capture_output=True, text=True, executable="/bin/bash")
+    assert r.stderr == "" and r.stdout.strip() in ("0", "141")  # 0: the output fit the pipe before it closed

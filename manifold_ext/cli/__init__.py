@@ -17,6 +17,8 @@ with exit status 3 and one line naming the failure.
 from __future__ import annotations
 
 import argparse
+import difflib
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -30,16 +32,41 @@ _USER_ERRORS = (CommandError, ValueError, TypeError, KeyError, FileNotFoundError
                 PermissionError)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but an unknown option is reported by the subcommand it was given to, with the
+    closest valid option suggested."""
+
+    def parse_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self._subcommand(getattr(namespace, "command", None))
+            target = command or self
+            unknown = extras[0]
+            options = [o for a in target._actions for o in a.option_strings]
+            close = difflib.get_close_matches(unknown.split("=")[0], options, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            target.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return namespace
+
+    def _subcommand(self, name):
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+                return action.choices[name]
+        return None
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="manifold-ext",
-        description="Rank model expansions by the size of their low-loss manifold.",
-    )
-    common = argparse.ArgumentParser(add_help=False)
+    # allow_abbrev=False: a prefix such as --seed is never taken for --seeds.
+    parser = _Parser(prog="manifold-ext", description="Rank model expansions by the size of their low-loss manifold.",
+                     allow_abbrev=False)
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in _COMMANDS:
         command.add_parser(sub, common)
+    for p in sub.choices.values():
+        p.allow_abbrev = False
     return parser
 
 
@@ -48,8 +75,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     Returns the exit status: 0 on success, 1 when a check the command makes fails, 2 for bad
     input (one line on stderr; the traceback with ``--debug``), 3 when another rank of a
-    distributed run failed. Invalid arguments raise
-    ``SystemExit(2)`` with argparse's message.
+    distributed run failed, 130 after Ctrl-C (one line; for compare, how to resume), 141 when
+    the reader of its output has gone (``| head``). Invalid arguments raise ``SystemExit(2)``
+    with argparse's message, from the subcommand, suggesting the closest valid option; an
+    option is never abbreviated.
     """
     args = _parser().parse_args(argv)
     try:
@@ -65,6 +94,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         where = f" (rank {D.rank()} of {D.world()})" if D.active() else ""
         print(f"manifold-ext {args.command}{where}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        D.shutdown(wait=False)
+        if args.debug:
+            raise
+        hint = (" finished work is kept: run the same command with --out DIR --resume (DIR: the output directory it "
+                "printed) to continue" if args.command == "compare" else "")
+        print(f"manifold-ext {args.command}: interrupted;{hint or ' nothing was saved'}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader (e.g. `| head`) has gone: stop quietly, and keep Python's own flush at exit quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except D.DistributedError as err:
         D.shutdown(wait=False)
         if args.debug:
