@@ -614,6 +614,12 @@ def compare(bench: Benchmark, settings: Settings, out: Path, *, base: Optional[n
     if len(set(names)) != len(names):
         raise ValueError(f"candidate names must be unique, got duplicates "
                          f"{sorted({n for n in names if names.count(n) > 1})}")
+    files = {}
+    for n in names:  # each candidate's unit file is named after it: two names must not share one
+        other = files.setdefault(_safe(n), n)
+        if other != n:
+            raise ValueError(f"candidate names {other!r} and {n!r} would share the unit file units/seed*/{_safe(n)}.json "
+                             f"(characters other than letters, digits, '-', '_' and '.' become '_'): rename one")
     if base is None and bench.make_base is None:
         raise ValueError("compare: the benchmark has no make_base; pass your trained model as base=")
     if base is not None and not isinstance(base, nn.Module):

@@ -310,3 +310,18 @@ def test_capped_threshold_is_reported(capsys):
     _base_summary(SimpleNamespace(bases=bases, settings={"threshold": 2.0}, warnings=[]), print)
     assert ("threshold: 2 x the base's probe loss would lie more than halfway to the chance-level loss ln(10) = "
             "2.3 for 1 of the 2 seeds' bases: capped halfway (1.65)") in capsys.readouterr().out
+
+
+def test_candidate_names_that_share_a_unit_file_are_refused(tmp_path, capsys):
+    bench = builtin.benchmark("mlp")
+    bench.candidates = [builtin.Candidate("control"), builtin.Candidate("a/b", (Widen("*", factor=2),)),
+                        builtin.Candidate("a_b", (Widen("*", factor=3),))]
+    with pytest.raises(ValueError, match=r"^candidate names 'a/b' and 'a_b' would share the unit file "
+                                         r"units/seed\*/a_b.json \(characters other than letters, digits"):
+        C.compare(bench, C.Settings(seeds=1), tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[[candidates]]\nname = "a/b"\nspecs = [{type = "widen", target = "*", factor = 2}]\n'
+                   '[[candidates]]\nname = "a_b"\nspecs = [{type = "widen", target = "*", factor = 3}]\n')
+    assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / "cli"), "--no-plot"]) == 2
+    assert "candidate names 'a/b' and 'a_b' would share the unit file" in capsys.readouterr().err
