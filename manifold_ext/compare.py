@@ -610,6 +610,11 @@ def compare(bench: Benchmark, settings: Settings, out: Path, *, base: Optional[n
     are next-token accuracies and the gains their points."""
     start = time.perf_counter()
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out: {str(out)!r} exists and is not a directory (a run writes a directory of results)")
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ValueError(f"out: {str(out)!r} cannot be created: {str(blocker)!r} is a file, not a directory")
     names = [c.name for c in bench.candidates]
     if len(set(names)) != len(names):
         raise ValueError(f"candidate names must be unique, got duplicates "

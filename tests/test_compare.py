@@ -325,3 +325,14 @@ def test_candidate_names_that_share_a_unit_file_are_refused(tmp_path, capsys):
                    '[[candidates]]\nname = "a_b"\nspecs = [{type = "widen", target = "*", factor = 3}]\n')
     assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / "cli"), "--no-plot"]) == 2
     assert "candidate names 'a/b' and 'a_b' would share the unit file" in capsys.readouterr().err
+
+
+def test_out_naming_a_file_is_one_line(tmp_path, capsys):
+    f = tmp_path / "results.txt"
+    f.write_text("mine")
+    assert main(["compare", "--quick", "--out", str(f), "--no-plot"]) == 2
+    assert capsys.readouterr().err == (f"manifold-ext compare: error: out: {str(f)!r} exists and is not a directory "
+                                       f"(a run writes a directory of results)\n")
+    assert main(["compare", "--quick", "--out", str(f / "run"), "--no-plot"]) == 2
+    assert f"{str(f)!r} is a file, not a directory" in capsys.readouterr().err
+    assert f.read_text() == "mine"
