@@ -569,11 +569,34 @@ def _check_config(out: Path, config: dict, resume: bool) -> None:
         _atomic_write(path, json.dumps(config, indent=1, sort_keys=True, default=str))
 
 
-def _load_unit(path: Path) -> Optional[dict]:
+_UNIT_KEYS = ("seed", "candidate", "parameters", "preservation_error", "test_accuracy", "test_loss", "sizes",
+              "baselines", "estimates")
+
+
+def _load_unit(path: Path, seed: int, cand: Candidate, settings: Settings) -> Optional[dict]:
+    """The finished unit in ``path``, or None when it must be computed: absent, or unreadable
+    (torn, corrupt, or not this seed's and candidate's unit), which is reported in one line on
+    stderr naming the file."""
+    if not path.exists():
+        return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None  # absent or torn: recomputed
+        unit = json.loads(path.read_text())
+        problem = None
+        if not isinstance(unit, dict):
+            problem = f"holds a JSON {type(unit).__name__}, not a unit"
+        elif any(k not in unit for k in _UNIT_KEYS):
+            problem = f"lacks {[k for k in _UNIT_KEYS if k not in unit]}"
+        elif unit["seed"] != seed or unit["candidate"] != cand.name:
+            problem = f"holds seed {unit['seed']!r}, candidate {unit['candidate']!r}"
+        elif not isinstance(unit["sizes"], dict) or any(e not in unit["sizes"] for e in settings.estimators) \
+                or not isinstance(unit["baselines"], dict) or any(b not in unit["baselines"] for b in settings.baselines):
+            problem = "lacks some of the run's metrics"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        problem = f"cannot be read ({type(err).__name__})"
+    if problem is None:
+        return unit
+    print(f"compare: {path} {problem}: computing that unit again", file=sys.stderr)
+    return None
 
 
 def compare(bench: Benchmark, settings: Settings, out: Path, *, base: Optional[nn.Module] = None,
@@ -686,7 +709,7 @@ def compare(bench: Benchmark, settings: Settings, out: Path, *, base: Optional[n
         for i in mine:
             seed, cand = jobs[i]
             path = _unit_path(out, seed, cand)
-            unit = _load_unit(path) if resume else None
+            unit = _load_unit(path, seed, cand, settings) if resume else None
             if unit is None:
                 unit = run_unit(base_models[seed], cand, t, settings, seed, bases[seed]["threshold"])
                 _write_unit(path, unit)

@@ -336,3 +336,25 @@ def test_out_naming_a_file_is_one_line(tmp_path, capsys):
     assert main(["compare", "--quick", "--out", str(f / "run"), "--no-plot"]) == 2
     assert f"{str(f)!r} is a file, not a directory" in capsys.readouterr().err
     assert f.read_text() == "mine"
+
+
+@pytest.mark.parametrize("content,problem", [
+    (b"\xbf\x00\xff random bytes", "cannot be read (UnicodeDecodeError)"),
+    (b"{", "cannot be read (JSONDecodeError)"),
+    (b"{}", "lacks ['seed', 'candidate', 'parameters'"),
+    (b"[1, 2]", "holds a JSON list, not a unit"),
+])
+def test_a_corrupt_unit_is_recomputed_with_one_line(tiny_run, tmp_path, capsys, content, problem):
+    import shutil
+
+    src, result = tiny_run
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    path = out / "units" / "seed1" / "wide.json"
+    path.write_bytes(content)
+    again = C.compare(_tiny_bench(), C.Settings(**TINY), out, resume=True, quiet=True)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"compare: {path} {problem}")
+    assert err[0].endswith(": computing that unit again")
+    assert json.loads(path.read_text())["candidate"] == "wide"
+    assert [u["test_accuracy"] for u in again.units] == [u["test_accuracy"] for u in result.units]
