@@ -106,7 +106,7 @@ def add_parser(sub, common) -> None:
                    "level, and [[candidates]] tables with name and specs, e.g. "
                    "specs = [{type = 'widen', target = '*', factor = 2, init = 'zero'}]")
     p.add_argument("--quick", action="store_true",
-                   help="2 seeds, a shorter budget and cheaper estimators (on 2 CPU cores: the MLP about 30 s, "
+                   help="2 seeds, a shorter budget and cheaper estimators (on 2 CPU cores: the MLP about a minute, "
                    "gpt2 (8 of its candidates) about 4 minutes)")
     p.add_argument("--seeds", type=int_at_least(1), default=None, help="override the number of seeds")
     p.add_argument("--out", type=Path, default=None,
