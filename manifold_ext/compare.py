@@ -547,6 +547,26 @@ class CompareResult:
         return text
 
 
+def _differences(old: dict, new: dict, keys: List[str]) -> str:
+    """What differs between a run's config and this one, by name, with both values."""
+    parts = []
+    for k in keys:
+        a, b = old.get(k), new.get(k)
+        if k == "settings" and isinstance(a, dict) and isinstance(b, dict):
+            default = asdict(Settings())
+            for name in sorted(set(a) | set(b)):
+                va, vb = a.get(name, default.get(name)), b.get(name, default.get(name))
+                if json.dumps(va, sort_keys=True) != json.dumps(vb, sort_keys=True):
+                    parts.append(f"setting {name}: {va!r} in the run, {vb!r} now")
+        elif k == "candidates" and isinstance(a, list) and isinstance(b, list):
+            names_a, names_b = [c.get("name") for c in a], [c.get("name") for c in b]
+            parts.append(f"candidates: {names_a} in the run, {names_b} now" if names_a != names_b
+                         else "candidates: the same names with other specs")
+        else:
+            parts.append(f"{k}: {a!r} in the run, {b!r} now")
+    return "; ".join(parts) or "its config differs"
+
+
 def _check_config(out: Path, config: dict, resume: bool) -> None:
     path = out / "config.json"
     if path.exists():
@@ -563,7 +583,8 @@ def _check_config(out: Path, config: dict, resume: bool) -> None:
                 raise ValueError(f"cannot resume {out}: it was run from another base (its base: "
                                  f"{old.get('base') or 'trained by compare'}; this one: "
                                  f"{config.get('base') or 'trained by compare'})")
-            raise ValueError(f"cannot resume {out}: its settings differ in {diff}")
+            raise ValueError(f"cannot resume {out}: {_differences(old, json.loads(json.dumps(config)), diff)}; "
+                             f"resume with the run's settings, or choose another output directory")
     else:
         out.mkdir(parents=True, exist_ok=True)
         _atomic_write(path, json.dumps(config, indent=1, sort_keys=True, default=str))

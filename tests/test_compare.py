@@ -123,8 +123,16 @@ def test_resume_recomputes_nothing_and_refuses_other_settings(tiny_run, monkeypa
     assert again.units == result.units
     with pytest.raises(ValueError, match="already holds a compare run; pass resume=True"):
         C.compare(_tiny_bench(), C.Settings(**TINY), out, quiet=True)
-    with pytest.raises(ValueError, match=r"cannot resume .*: its settings differ in \['settings'\]"):
+    with pytest.raises(ValueError, match=r"cannot resume .*: setting lr: 0.001 in the run, 0.01 now; resume with the "
+                                         r"run's settings, or choose another output directory$"):
         C.compare(_tiny_bench(), C.Settings(**{**TINY, "lr": 0.01}), out, resume=True, quiet=True)
+    with pytest.raises(ValueError, match=r"setting lr: 0.001 in the run, 0.01 now; setting seeds: 2 in the run, 3 now"):
+        C.compare(_tiny_bench(), C.Settings(**{**TINY, "lr": 0.01, "seeds": 3}), out, resume=True, quiet=True)
+    other = _tiny_bench()
+    other.candidates = other.candidates[:2]
+    with pytest.raises(ValueError, match=r"cannot resume .*: candidates: \['control', 'wide', .*\] in the run, "
+                                         r"\['control', 'wide'\] now"):
+        C.compare(other, C.Settings(**TINY), out, resume=True, quiet=True)
 
 
 @pytest.mark.parametrize("kwargs,msg", [
