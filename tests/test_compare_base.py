@@ -377,3 +377,14 @@ def test_task_from_arrays_split_and_errors():
         task_from_arrays(X[:5], y[:5])
     with pytest.raises(ValueError, match="token ids must be integers, got X of dtype torch.float32"):
         task_from_arrays(X, y, tokens=True)
+
+
+def test_huge_sparse_labels_are_refused_before_building_the_model(tmp_path, capsys):
+    X = np.random.default_rng(0).normal(size=(30, 64)).astype(np.float32)
+    y = np.zeros(30, np.int64)
+    y[0] = 10 ** 9
+    np.savez(tmp_path / "big.npz", X=X, y=y)
+    assert main(["compare", "--data", str(tmp_path / "big.npz"), "--no-plot", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == (
+        "manifold-ext compare: error: --data: the labels run up to 1000000000, but only 2 distinct values occur; "
+        "the built-in mlp gets one output per class index 0..1000000000: relabel y to 0..1\n")

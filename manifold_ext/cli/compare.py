@@ -456,11 +456,20 @@ def _check_base(args, base: nn.Module, bench: Benchmark, loss: str) -> None:
         raise CommandError(f"--config {args.config}: {err}") from None
 
 
+# Above this many class indices, labels that are mostly unused are refused (one output per index).
+MAX_SPARSE_CLASSES = 10_000
+
+
 def _with_data(bench: Benchmark, task: Task) -> Benchmark:
     """The benchmark's base and candidates sized for the user's data."""
     from .. import models
 
     classes = int(max(task.y_train.max(), task.y_test.max())) + 1
+    distinct = len(torch.unique(torch.cat([task.y_train, task.y_test])))
+    if classes > MAX_SPARSE_CLASSES and classes > 10 * distinct:
+        raise CommandError(f"--data: the labels run up to {classes - 1}, but only {distinct} distinct values occur; the "
+                           f"built-in {bench.model} gets one output per class index 0..{classes - 1}: relabel y to "
+                           f"0..{distinct - 1}")
     if bench.model == "mlp":
         make = lambda: models.mlp((task.x_train.shape[1], 11, 11, classes))  # noqa: E731
     elif bench.model == "cnn":
