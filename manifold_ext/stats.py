@@ -55,6 +55,16 @@ def _rho_tau_batch(X: np.ndarray, Y: np.ndarray) -> np.ndarray:
     return np.stack([rho, tau], 1)
 
 
+def _interval(col: np.ndarray, level: float) -> Tuple[float, float]:
+    """The percentile interval of coverage ``level`` of the finite bootstrap values in ``col``."""
+    col = col[np.isfinite(col)]
+    if len(col) == 0:
+        return math.nan, math.nan
+    alpha = (1 - level) / 2 * 100
+    lo, hi = np.percentile(col, [alpha, 100 - alpha])
+    return float(lo), float(hi)
+
+
 def rank_correlation(
     values: Sequence[float],
     gains: Sequence[float],
@@ -111,17 +121,9 @@ def rank_correlation(
             for i in range(n_boot):
                 idx = np.concatenate([clusters[j] for j in picks[i]])
                 boots[i] = _rho_tau(rx[idx], ry[idx])
-    alpha = (1 - level) / 2 * 100
 
-    def interval(col: np.ndarray) -> Tuple[float, float]:
-        col = col[np.isfinite(col)]
-        if len(col) == 0:
-            return math.nan, math.nan
-        lo, hi = np.percentile(col, [alpha, 100 - alpha])
-        return float(lo), float(hi)
-
-    return Correlation(metric=metric, spearman=rho, spearman_ci=interval(boots[:, 0]), kendall=tau,
-                       kendall_ci=interval(boots[:, 1]), n=int(len(x)), level=level)
+    return Correlation(metric=metric, spearman=rho, spearman_ci=_interval(boots[:, 0], level), kendall=tau,
+                       kendall_ci=_interval(boots[:, 1], level), n=int(len(x)), level=level)
 
 
 def gain_signal(gains: Sequence[Sequence[float]]) -> dict:
@@ -232,14 +234,6 @@ def within_seed_correlation(
         for b0 in range(0, n_boot, 256):
             p = picks[b0:b0 + 256]
             boots[b0:b0 + 256] = mean_over_seeds(RX[:, p], RY[:, p])
-    alpha = (1 - level) / 2 * 100
 
-    def interval(col: np.ndarray) -> Tuple[float, float]:
-        col = col[np.isfinite(col)]
-        if len(col) == 0:
-            return math.nan, math.nan
-        lo, hi = np.percentile(col, [alpha, 100 - alpha])
-        return float(lo), float(hi)
-
-    return Correlation(metric=metric, spearman=float(point[0]), spearman_ci=interval(boots[:, 0]),
-                       kendall=float(point[1]), kendall_ci=interval(boots[:, 1]), n=int(X.size), level=level)
+    return Correlation(metric=metric, spearman=float(point[0]), spearman_ci=_interval(boots[:, 0], level),
+                       kendall=float(point[1]), kendall_ci=_interval(boots[:, 1], level), n=int(X.size), level=level)
