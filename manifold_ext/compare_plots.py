@@ -26,10 +26,14 @@ def _figure(nrows: int, ncols: int, width: float, height: float):
 
 
 def _kind(name: str) -> str:
-    for k in ("control", "width", "depth"):
-        if name.startswith(k):
-            return k
-    return "other"
+    """``control``, ``width`` (units, channels, heads) or ``depth``: the first of those words in the
+    candidate's name (so "ff width +98 (~ depth +1)" is a width expansion), else ``other``."""
+    hits = {}
+    for kind, word in (("control", "control"), ("width", "width"), ("width", "heads"), ("depth", "depth")):
+        at = name.find(word)
+        if at >= 0 and (kind not in hits or at < hits[kind]):
+            hits[kind] = at
+    return min(hits, key=hits.get) if hits else "other"
 
 
 _COLORS = {"control": "k", "width": "C0", "depth": "C3", "other": "C2"}
@@ -37,8 +41,9 @@ _COLORS = {"control": "k", "width": "C0", "depth": "C3", "other": "C2"}
 
 def metrics_vs_gain(result: CompareResult, path: Path) -> Path:
     """One panel per metric: its value against the gain over the base, every (seed, candidate)
-    unit a point (width expansions blue, depth red, the control black; an empty manifold, -inf,
-    drawn as an x at the panel's left edge), Spearman's rho in the title."""
+    unit a point (width expansions blue, depth red, the control black, others green; an empty
+    manifold, -inf, drawn as an x at the panel's left edge; a metric undefined for the inputs,
+    NaN, is said so in its panel), the within-seed Spearman rho in the title."""
     settings = Settings.from_dict(result.settings)
     names = metric_names(settings)
     cols = 4
@@ -53,8 +58,11 @@ def metrics_vs_gain(result: CompareResult, path: Path) -> Path:
             c = _COLORS[_kind(u["candidate"])]
             if math.isfinite(x):
                 ax.plot(x, u["gain_over_base"], "o", ms=3.5, color=c, alpha=0.7)
-            else:
+            elif not math.isnan(x):
                 ax.plot(left, u["gain_over_base"], "x", ms=5, color=c)
+        if all(math.isnan(x) for x in xs):
+            ax.text(0.5, 0.5, "not defined for these inputs (NaN)", ha="center", va="center", fontsize=8,
+                    transform=ax.transAxes)
         ax.set_title(f"{name}  (rho {rho.get(name, math.nan):.2f})", fontsize=9)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
@@ -62,6 +70,17 @@ def metrics_vs_gain(result: CompareResult, path: Path) -> Path:
         ax.set_visible(False)
     for ax in axes[:, 0]:
         ax.set_ylabel("gain over base (points)", fontsize=8)
+    from matplotlib.lines import Line2D
+
+    present = {_kind(u["candidate"]) for u in result.units}
+    handles = [Line2D([], [], ls="", marker="o", color=_COLORS[k], label=label)
+               for k, label in (("width", "width (units, heads, channels)"), ("depth", "depth"),
+                                ("other", "other"), ("control", "control")) if k in present]
+    if any(u["sizes"].get(n[5:]) == -math.inf for u in result.units for n in names if n.startswith("size_")):
+        handles.append(Line2D([], [], ls="", marker="x", color="0.3", label="empty manifold (-inf), at the left edge"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8)
+    fig.suptitle(f"Each metric against the gain of each candidate and seed ({len(result.units)} units; rho: "
+                 f"Spearman within seeds, averaged)", fontsize=10)
     fig.savefig(path, dpi=110)
     return Path(path)
 
