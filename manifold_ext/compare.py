@@ -713,12 +713,10 @@ def compare(bench: Benchmark, settings: Settings, out: Path, *, base: Optional[n
     unigram = unigram_loss(t) if settings.loss == "lm" else None
     for seed, model in enumerate(base_models):
         base_loss = mean_loss(model, *probe, settings.loss)
+        tau = loss_threshold(settings.threshold, base_loss, math.log(outputs))
         bases.append({"seed": seed, "test_accuracy": accuracy(model, t.x_test, t.y_test, settings.loss),
                       "test_loss": mean_loss(model, t.x_test, t.y_test, settings.loss), "chance_accuracy": chance,
-                      "probe_loss": base_loss,
-                      "threshold": loss_threshold(settings.threshold, base_loss, math.log(outputs)),
-                      "threshold_capped": loss_threshold(settings.threshold, base_loss, math.log(outputs))
-                      < settings.threshold * base_loss,
+                      "probe_loss": base_loss, "threshold": tau, "threshold_capped": tau < settings.threshold * base_loss,
                       "chance_loss": math.log(outputs), "outputs": outputs, "unigram_loss": unigram,
                       "parameters": sum(p.numel() for p in model.parameters())})
     jobs = [(seed, cand) for seed in range(settings.seeds) for cand in bench.candidates]
