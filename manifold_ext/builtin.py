@@ -21,7 +21,7 @@ import math
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -126,6 +126,12 @@ class Benchmark:
     settings: dict = field(default_factory=dict)
     quick: dict = field(default_factory=dict)
     quick_candidates: Optional[Tuple[str, ...]] = None
+
+    @property
+    def name(self) -> str:
+        """``MODEL-TASK``, e.g. ``"mlp-digits"``: the benchmark's directory in a suite run."""
+        task = self.task.name if self.task is not None else "custom"
+        return f"{self.model}-{task}"
 
     def quick_version(self) -> "Benchmark":
         """The benchmark ``--quick`` runs: the candidates named in ``quick_candidates`` (all when
@@ -262,18 +268,111 @@ def python_source(length: int = 64, per_file: int = 2048, test_fraction: float =
     return task_from_tokens(tokens, name="python-source", test_fraction=test_fraction)
 
 
-def _mlp_candidates() -> List[Candidate]:
+MLP_WIDTHS = (64, 11, 11, 10)
+
+
+def teacher(n: int = 3000, dim: int = 16, classes: int = 8, hidden: int = 64, seed: int = 0) -> Task:
+    """A generated classification task: ``n`` Gaussian inputs of ``dim`` features, each labelled by
+    the largest output of a fixed random teacher MLP ``dim-hidden-hidden-classes`` (tanh), split
+    60/40 as :func:`task_from_arrays` splits. A student narrower than the teacher is limited by its
+    capacity, so width and depth can pay off. Deterministic given ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g)
+    h = x
+    for a, b in ((dim, hidden), (hidden, hidden)):
+        h = torch.tanh(h @ (torch.randn(a, b, generator=g) * (2.0 / a) ** 0.5))
+    y = (h @ torch.randn(hidden, classes, generator=g)).argmax(1)
+    return task_from_arrays(x, y, name="teacher", seed=seed)
+
+
+def clusters(n: int = 3000, features: int = 20, classes: int = 5, seed: int = 0) -> Task:
+    """A generated classification task: scikit-learn's ``make_classification`` (``n`` examples of
+    ``features`` features, 10 informative and 4 redundant, ``classes`` classes of 3 Gaussian
+    clusters each, class separation 1.5, no label noise), split 60/40 as :func:`task_from_arrays`
+    splits. Deterministic given ``seed``."""
+    from sklearn.datasets import make_classification
+
+    x, y = make_classification(n_samples=n, n_features=features, n_informative=10, n_redundant=4,
+                               n_classes=classes, n_clusters_per_class=3, class_sep=1.5, flip_y=0.0,
+                               random_state=seed)
+    return task_from_arrays(x, y, name="clusters", seed=seed)
+
+
+def mlp_parameters(widths: Sequence[int]) -> int:
+    """Parameters of :func:`manifold_ext.models.mlp` ``(widths)`` without norms: weights and biases."""
+    return sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+
+
+def equal_size_widths(widths: Sequence[int], added: int, *, layers: int = 2) -> Optional[Tuple[int, ...]]:
+    """Hidden widths that add exactly ``added`` parameters to the MLP of ``widths``, widening only
+    its last ``layers`` hidden layers (each by 0 or more units, the last by at least 1), or None
+    when no such widths exist. Fewest added units win; ties go to widening the last layer most.
+
+    Example: ``equal_size_widths((64, 11, 11, 10), 132)`` is ``(11, 17)``: six more units in the
+    last hidden layer add 6 * (11 + 1 + 10) = 132, the size of one inserted 11x11 layer."""
+    widths = [int(w) for w in widths]
+    hidden = len(widths) - 2
+    if hidden < 1:
+        raise ValueError(f"equal_size_widths: widths needs at least one hidden layer, got {tuple(widths)}")
+    free = list(range(max(0, hidden - layers), hidden))
+    base, best = mlp_parameters(widths), None
+    limit = max(widths[1:-1]) * 4 + 8
+
+    def search(i: int, chosen: Tuple[int, ...]):
+        nonlocal best
+        if i == len(free):
+            if not chosen[-1]:
+                return
+            grown = list(widths)
+            for layer, u in zip(free, chosen):
+                grown[1 + layer] += u
+            if mlp_parameters(grown) - base == added:
+                key = (sum(chosen), tuple(-u for u in reversed(chosen)))
+                if best is None or key < best[0]:
+                    best = (key, tuple(grown[1:-1]))
+            return
+        for u in range(limit + 1):
+            search(i + 1, chosen + (u,))
+
+    search(0, ())
+    return None if best is None else best[1]
+
+
+def mlp_candidates(widths: Sequence[int], *, factors: Sequence[float] = (1.5, 2, 4),
+                   depths: Sequence[int] = (1, 2), width_inits: Sequence[str] = ("net2net", "zero", "random"),
+                   depth_inits: Sequence[str] = ("identity", "random", "copy"),
+                   pair_inits: Sequence[str] = ("net2net", "zero")) -> List[Candidate]:
+    """The candidates for ``models.mlp(widths)`` (any widths with at least one hidden layer): the
+    control; every hidden layer widened by each of ``factors`` with each of ``width_inits``;
+    ``count`` layers inserted after the last hidden layer (for each of ``depths``, with each of
+    ``depth_inits``; ``"copy"`` only where the last hidden layer's Linear is square); and for each depth, the width expansion of exactly the same parameter count
+    (:func:`equal_size_widths`: the last one or two hidden layers widened) with each of
+    ``pair_inits``, named ``"width +U INIT (= depth +C)"`` (``+U1/+U2`` when two layers grow).
+    A depth with no exactly equal width expansion gets no pair. Every initialisation of one
+    expansion has the same size, so those are equal-size pairs too.
+
+    Example: ``mlp_candidates((64, 11, 11, 10))`` are the 20 candidates of the built-in MLP."""
+    widths = tuple(int(w) for w in widths)
+    hidden = len(widths) - 2
+    if hidden < 1 or min(widths) < 1:
+        raise ValueError(f"mlp_candidates: widths must be positive with at least one hidden layer, got {widths}")
+    last, h = 2 * (hidden - 1), widths[-2]
     out = [Candidate("control")]
-    for f in (1.5, 2, 4):
-        for init in ("net2net", "zero", "random"):
+    for f in factors:
+        for init in width_inits:
             out.append(Candidate(f"width x{f:g} {init}", (Widen("*", factor=f, init=init),)))
-    for count in (1, 2):
-        for init in ("identity", "random", "copy"):
-            out.append(Candidate(f"depth +{count} {init}", (Deepen(after="3", count=count, init=init),)))
-        # The width expansion of exactly the same size as this depth expansion.
-        for init in ("net2net", "zero"):
-            out.append(Candidate(f"width +{6 * count} {init} (= depth +{count})",
-                                 (Widen("2", size=11 + 6 * count, init=init),)))
+    square = widths[-3] == h  # a copy duplicates the last hidden Linear, which must be square
+    for count in depths:
+        for init in (i for i in depth_inits if i != "copy" or square):
+            out.append(Candidate(f"depth +{count} {init}", (Deepen(after=str(last + 1), count=count, init=init),)))
+        grown = equal_size_widths(widths, count * h * (h + 1))
+        if grown is None:
+            continue
+        changed = [(2 * i, g - w) for i, (w, g) in enumerate(zip(widths[1:-1], grown)) if g != w]
+        label = "/".join(f"+{u}" for _, u in changed)
+        for init in pair_inits:
+            specs = tuple(Widen(str(layer), size=widths[1 + layer // 2] + u, init=init) for layer, u in changed)
+            out.append(Candidate(f"width {label} {init} (= depth +{count})", specs))
     return out
 
 
@@ -350,24 +449,52 @@ GPT2_QUICK_CANDIDATES = ("control", "ff width x2 zero", "ff width x2 random", "d
                          "residual width x1.5 zero (= heads +2)")
 
 
+TEACHER_SETTINGS: dict = {}
+CLUSTERS_SETTINGS: dict = {}
+CNN_SETTINGS = dict(base_epochs=10, probe_examples=256)
+TEACHER_WIDTHS = (16, 15, 15, 8)
+CLUSTERS_WIDTHS = (20, 9, 9, 5)
+CNN_WIDTHS = (4, 8)
+
+# (model, task) of every built-in benchmark; the first task of a model is its default.
+BENCHMARKS = (("mlp", "digits"), ("mlp", "teacher"), ("mlp", "clusters"), ("cnn", "digits"), ("gpt2", "python"))
+# What ``manifold-ext compare --suite`` runs: every built-in benchmark.
+SUITE = BENCHMARKS
+
+
+def _mlp(task: Task, widths: Tuple[int, ...], **settings) -> Benchmark:
+    return Benchmark("mlp", task, lambda: models.mlp(widths), mlp_candidates(widths), settings=settings)
+
+
 def benchmark(model: str = "mlp", task: Optional[str] = None) -> Benchmark:
-    """The built-in benchmark for ``model``: ``"mlp"`` or ``"cnn"`` on ``"digits"``, ``"gpt2"``
-    (a small Hugging Face GPT-2 language model, needs ``transformers``) on ``"python"`` (byte-level
-    text of Python's standard library, :func:`python_source`). ``task`` defaults to the model's."""
-    defaults = {"mlp": "digits", "cnn": "digits", "gpt2": "python"}
-    if model not in defaults:
+    """The built-in benchmark of ``model`` on ``task`` (one of :data:`BENCHMARKS`): ``"mlp"`` on
+    ``"digits"`` (default), ``"teacher"`` (:func:`teacher`) or ``"clusters"`` (:func:`clusters`);
+    ``"cnn"`` on ``"digits"``; ``"gpt2"`` (a small Hugging Face GPT-2 language model, needs
+    ``transformers``) on ``"python"`` (byte-level text of Python's standard library,
+    :func:`python_source`). ``task`` defaults to the model's first task."""
+    models_ = dict.fromkeys(m for m, _ in BENCHMARKS)
+    if model not in models_:
         extra = (" (the transformer on modular addition was removed: its base stayed at chance level; the "
                  "TinyTransformer still takes your own token data with --data)") if model == "transformer" else ""
-        raise ValueError(f"no built-in benchmark for model {model!r}{extra}; valid models are {sorted(defaults)}")
-    task = defaults[model] if task is None else task
-    if task != defaults[model]:
-        valid = sorted(defaults.items())
-        raise ValueError(f"no built-in benchmark for model {model!r} on task {task!r}; valid pairs are {valid}")
+        raise ValueError(f"no built-in benchmark for model {model!r}{extra}; valid models are {sorted(models_)}")
+    task = next(t for m, t in BENCHMARKS if m == model) if task is None else task
+    if (model, task) not in BENCHMARKS:
+        raise ValueError(f"no built-in benchmark for model {model!r} on task {task!r}; valid pairs are "
+                         f"{sorted(BENCHMARKS)}")
     if model == "mlp":
-        return Benchmark("mlp", digits(), lambda: models.mlp((64, 11, 11, 10)), _mlp_candidates())
+        if task == "digits":
+            return _mlp(digits(), MLP_WIDTHS)
+        if task == "teacher":
+            return _mlp(teacher(), TEACHER_WIDTHS, **TEACHER_SETTINGS)
+        return _mlp(clusters(), CLUSTERS_WIDTHS, **CLUSTERS_SETTINGS)
     if model == "cnn":
-        return Benchmark("cnn", digits(image=True), lambda: models.ResNetCNN(1, (8, 16), (1, 1), 10),
-                         _cnn_candidates())
+        return Benchmark("cnn", digits(image=True), lambda: models.ResNetCNN(1, CNN_WIDTHS, (1, 1), 10),
+                         _cnn_candidates(), settings=dict(CNN_SETTINGS))
     return Benchmark("gpt2", python_source(GPT2["positions"]), lambda: real_models.gpt2(seed=None, **GPT2),
                      _gpt2_candidates(), settings=dict(GPT2_SETTINGS), quick=dict(GPT2_QUICK),
                      quick_candidates=GPT2_QUICK_CANDIDATES)
+
+
+def suite() -> List[Benchmark]:
+    """The benchmarks of ``manifold-ext compare --suite`` (:data:`SUITE`), in that order."""
+    return [benchmark(m, t) for m, t in SUITE]

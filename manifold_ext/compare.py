@@ -20,10 +20,10 @@ finished. Under ``torchrun``, the units are spread across the ranks (:func:`comp
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from . import baselines as B
 from . import distributed as D
 from . import manifold as M
+from ._io import save_state, write_text
 from ._safe_load import PickledObjectsError, load_tensors, reason
 from .builtin import Benchmark, Candidate, Task
 from .expand import Widen, expand, preservation_error
@@ -45,6 +46,8 @@ from .outputs import mean_loss as _output_loss
 from .stats import gain_signal, rank_correlation, within_seed_correlation
 
 ESTIMATOR_NAMES = tuple(M.ESTIMATORS)
+# simplex is opt-in: it took most of a unit's time and predicted least across the suite (docs/suite.md).
+DEFAULT_ESTIMATORS = ("radius", "minima")
 PRESERVING = 1e-4  # an expansion whose measured preservation error is below this preserves the function
 CHANCE_MARGIN = 0.05  # a base less than this (5 points of accuracy) above chance is at chance level
 CHANCE_CAP = 0.5  # the threshold lies at most this fraction of the way from the base's loss to ln K
@@ -94,7 +97,7 @@ class Settings:
     batch_size: int = 64
     probe_examples: int = 512
     threshold: float = 2.0
-    estimators: Tuple[str, ...] = ESTIMATOR_NAMES
+    estimators: Tuple[str, ...] = DEFAULT_ESTIMATORS
     estimator_options: Dict[str, dict] = field(default_factory=dict)
     baselines: Tuple[str, ...] = tuple(B.BASELINES)
     default_estimator: str = "radius"
@@ -122,19 +125,43 @@ class Settings:
         unknown = [e for e in self.estimators if e not in M.ESTIMATORS]
         if unknown or not self.estimators:
             raise ValueError(f"settings: unknown estimator(s) {unknown}; valid are {list(M.ESTIMATORS)}")
-        bad = [e for e in self.estimator_options if e not in M.ESTIMATORS]
-        if bad:
-            raise ValueError(f"settings: estimator_options for unknown estimator(s) {bad}; valid are {list(M.ESTIMATORS)}")
-        bad = [e for e, opts in self.estimator_options.items() if isinstance(opts, dict) and "loss" in opts]
-        if bad:
-            raise ValueError(f"settings: estimator_options {bad} set loss; set loss at the top level (it applies "
-                             f"to training, every estimator and every baseline)")
+        self._check_estimator_options()
         unknown = [b for b in self.baselines if b not in B.BASELINES]
         if unknown:
             raise ValueError(f"settings: unknown baseline(s) {unknown}; valid are {list(B.BASELINES)}")
         if self.default_estimator not in self.estimators:
             raise ValueError(f"settings: default_estimator must be one of the estimators run "
                              f"{list(self.estimators)}, got {self.default_estimator!r}")
+
+    def _check_estimator_options(self) -> None:
+        """estimator_options: a table per estimator, of options that estimator takes (checked
+        here, before any training, against :func:`manifold_ext.manifold.option_names`)."""
+        options = self.estimator_options
+        if not isinstance(options, dict):
+            raise ValueError(f"settings: estimator_options must be a table of tables, one per estimator (e.g. "
+                             f"{{'radius': {{'directions': 8}}}}), got {options!r}")
+        bad = [e for e in options if e not in M.ESTIMATORS]
+        if bad:
+            raise ValueError(f"settings: estimator_options for unknown estimator(s) {bad}; valid are {list(M.ESTIMATORS)}")
+        for name, opts in options.items():
+            if not isinstance(opts, dict):
+                raise ValueError(f"settings: estimator_options.{name} must be a table of {name}'s options, "
+                                 f"got {opts!r}")
+            if "loss" in opts:
+                raise ValueError(f"settings: estimator_options {[name]} set loss; set loss at the top level (it "
+                                 f"applies to training, every estimator and every baseline)")
+            fixed = sorted(set(opts) & {"tau", "seed", "quiet"})
+            if fixed:
+                raise ValueError(f"settings: estimator_options.{name} sets {fixed}, which compare sets itself (the "
+                                 f"threshold from threshold, the seed from the run's seed); drop them")
+            valid = [o for o in M.option_names(name)
+                     if o not in ("loss", "tau", "seed", "quiet", "return_vertices", "train_data")]
+            unknown = sorted(set(opts) - set(valid))
+            if unknown:
+                close = {u: difflib.get_close_matches(u, valid, n=1) for u in unknown}
+                hint = "; ".join(f"did you mean {c[0]!r} for {u!r}?" for u, c in close.items() if c)
+                raise ValueError(f"settings: estimator_options.{name}: unknown option(s) {unknown}"
+                                 f"{' (' + hint + ')' if hint else ''}; valid are {valid}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "Settings":
@@ -222,12 +249,6 @@ def mean_loss(model: nn.Module, x, y, loss: str = "cross_entropy") -> float:
 # ----------------------------------------------------------------------------- units
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
@@ -291,9 +312,7 @@ def _base(bench: Benchmark, settings: Settings, seed: int, out: Path, task: Opti
     train(model, t.x_train, t.y_train, epochs=settings.base_epochs, lr=settings.lr,
           batch_size=settings.batch_size, seed=seed, loss=settings.loss)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, path)
+    save_state(path, model.state_dict())
     return model
 
 
@@ -496,9 +515,7 @@ def _given_base(bench: Benchmark, base: nn.Module, seed: int, out: Path) -> nn.M
     path = out / "bases" / f"seed{seed}.pt"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-        os.replace(tmp, path)
+        save_state(path, model.state_dict())
     return model
 
 
@@ -543,7 +560,7 @@ class CompareResult:
     def to_json(self, path: Optional[Path] = None) -> str:
         text = json.dumps(asdict(self), indent=1, default=str)
         if path is not None:
-            _atomic_write(Path(path), text)
+            write_text(Path(path), text)
         return text
 
 
@@ -587,7 +604,7 @@ def _check_config(out: Path, config: dict, resume: bool) -> None:
                              f"resume with the run's settings, or choose another output directory")
     else:
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, json.dumps(config, indent=1, sort_keys=True, default=str))
+        write_text(path, json.dumps(config, indent=1, sort_keys=True, default=str))
 
 
 _UNIT_KEYS = ("seed", "candidate", "parameters", "preservation_error", "test_accuracy", "test_loss", "sizes",
@@ -654,11 +671,7 @@ def compare(bench: Benchmark, settings: Settings, out: Path, *, base: Optional[n
     are next-token accuracies and the gains their points."""
     start = time.perf_counter()
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out: {str(out)!r} exists and is not a directory (a run writes a directory of results)")
-    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise ValueError(f"out: {str(out)!r} cannot be created: {str(blocker)!r} is a file, not a directory")
+    check_out(out)
     names = [c.name for c in bench.candidates]
     if len(set(names)) != len(names):
         raise ValueError(f"candidate names must be unique, got duplicates "
@@ -751,13 +764,24 @@ def compare(bench: Benchmark, settings: Settings, out: Path, *, base: Optional[n
     return result
 
 
+def check_out(out: Path) -> None:
+    """ValueError (``out: ...``) when ``out`` cannot be a run's output directory: it is a file, or
+    a file stands where one of its parents must be created."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out: {str(out)!r} exists and is not a directory (a run writes a directory of results)")
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ValueError(f"out: {str(out)!r} cannot be created: {str(blocker)!r} is a file, not a directory")
+
+
 def _unit_path(out: Path, seed: int, cand: Candidate) -> Path:
     return out / "units" / f"seed{seed}" / f"{_safe(cand.name)}.json"
 
 
 def _write_unit(path: Path, unit: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, json.dumps(unit, indent=1))
+    write_text(path, json.dumps(unit, indent=1))
 
 
 # ----------------------------------------------------------------------------- summary

@@ -208,7 +208,7 @@ def _check_head(model: nn.Module, head: str, x: Tensor, kwargs) -> None:
     was_training = model.training
     try:
         model.eval()
-        out = logits_of(model(x[:1], **_rows_of(kwargs, 0, 1)))
+        out = logits_of(model(x[:1].clone(), **_rows_of(kwargs, 0, 1)))
     finally:
         hook.remove()
         model.train(was_training)
@@ -310,6 +310,7 @@ class _Fused:
         """One vmapped pass over the points of a chunk: (loss_sum, correct) or BN statistics."""
         self.mode_ref[0] = mode
         kwargs = kwargs or {}
+        x = x.clone()  # one call of the model for every point: a copy it may change in place
         rows = _lm_rows(y, self.ignore_index) if self.loss == "lm" else None
 
         def one_point(c, p):
@@ -325,11 +326,33 @@ class _Fused:
                 return vmap(one_point)(coeffs, mat)
         except (torch.OutOfMemoryError, MemoryError):
             raise
-        except Exception as err:  # noqa: BLE001 - rethrown with the fallback named
+        except Exception as err:  # noqa: BLE001 - rethrown with its real cause
+            cause = self.plain_error(x, kwargs)
+            if cause is not None:  # the model fails without vmap too: the loop cannot help
+                raise cause from None
             raise _Unsupported(
                 f"the fused engine could not evaluate {type(self.model).__name__} under "
                 f"torch.func.vmap ({type(err).__name__}: {err}); use evaluate(..., "
                 "engine='loop'), which runs any model one point at a time") from err
+
+    @torch.no_grad()
+    def plain_error(self, x: Tensor, kwargs=None) -> Optional[Exception]:
+        """The error of the model itself, without vmap, on a copy of one example in eval mode:
+        what it raises, or a ValueError when its logits do not have the shape the loss needs;
+        None when it runs and fits (then only vmap failed)."""
+        was_training = self.model.training
+        try:
+            self.model.eval()
+            out = logits_of(self.model(x[:1].clone(), **_rows_of(kwargs or {}, 0, 1)))
+        except Exception as err:  # noqa: BLE001 - handed back as the cause
+            return err
+        finally:
+            self.model.train(was_training)
+        want = {"lm": "(1, T, vocab)", "cross_entropy": "(1, classes)"}.get(self.loss)
+        if want is not None and (out.dim() != len(want.split(",")) or out.shape[0] != 1):
+            return ValueError(f"the model's output does not fit loss={self.loss!r}: logits of shape "
+                              f"{tuple(out.shape)} for 1 example of shape {tuple(x[:1].shape)}, expected {want}")
+        return None
 
     def recompute_bn(self, coeffs: Tensor, mat: P.State, x: Tensor, y: Tensor, ex_chunks,
                      kwargs=None) -> None:
@@ -382,7 +405,7 @@ def _chain(model: nn.Module, x: Tensor) -> Optional[List[Tuple[str, nn.Module]]]
         allowed = (nn.Linear,) + _ELEMENTWISE + ((nn.Flatten,) if i < first else ())
         if type(m) not in allowed or _hooked(m):
             return None
-    h = x[:1]
+    h = x[:1].clone()
     with torch.no_grad():
         for _, m in layers[:first]:
             h = m(h)
@@ -412,6 +435,8 @@ def _run_chain(layers, fused: "_Fused", coeffs: Tensor, x: Tensor, y: Tensor, in
         elif type(m) is nn.ReLU and owned and inplace:
             h.relu_()  # a fresh output of an earlier module: no one else holds it
         else:
+            if not owned and getattr(m, "inplace", False):
+                h, owned = h.clone(), True  # an in-place module must not change the caller's data
             out = m(h)
             # Flatten, Identity and Dropout in eval mode return the caller's data itself.
             owned = owned or out.untyped_storage().data_ptr() != h.untyped_storage().data_ptr()
@@ -449,7 +474,7 @@ def _activation_bytes(fused: _Fused, x: Tensor, n_examples: int, kwargs=None) ->
 
     hooks = [m.register_forward_hook(count) for m in fused.model.modules() if len(list(m.children())) == 0]
     was_training = fused.model.training
-    probe = x[: min(len(x), 8)]
+    probe = x[: min(len(x), 8)].clone()  # the model may change its input in place
     try:
         fused.model.eval()  # no running-statistics updates on the caller's model
         with torch.no_grad():
@@ -630,7 +655,7 @@ def _update_bn(m: nn.Module, x: Tensor, chunks, kwargs) -> None:
     m.train()
     with torch.no_grad():
         for e0, e1 in chunks:
-            m(x[e0:e1], **_rows_of(kwargs, e0, e1))
+            m(x[e0:e1].clone(), **_rows_of(kwargs, e0, e1))  # a copy: the model may change its input
     for bn in bns:
         bn.momentum = momenta[bn]
     m.eval()
@@ -659,7 +684,9 @@ def _evaluate_loop(model, stacked, coeffs, inp: _Inputs, *, lay: P.Layout, loss,
         m.eval()
         with torch.no_grad():
             for e0, e1 in chunks:
-                out = logits_of(m(x[e0:e1], **_rows_of(kw, e0, e1)))
+                # Every call gets a copy: a model that changes its input in place must change
+                # neither the caller's data nor the next point's.
+                out = logits_of(m(x[e0:e1].clone(), **_rows_of(kw, e0, e1)))
                 ls, cor = _direct_loss(out, y[e0:e1], loss, ignore_index)
                 loss_sum[b] += ls
                 correct[b] += cor

@@ -23,6 +23,7 @@ project's reconstruction of Malviya et al. 2024, whose exact recipe is not publi
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import math
 import sys
@@ -780,3 +781,19 @@ def minima(
 
 
 ESTIMATORS: Dict[str, Callable[..., ManifoldEstimate]] = {"radius": radius, "simplex": simplex, "minima": minima}
+
+# The engine's options an estimator passes on to manifold_ext.engine.evaluate.
+_ENGINE_OPTIONS = ("loss", "bn", "engine", "batch_size", "max_memory", "points_per_chunk", "head", "ignore_index")
+
+
+def option_names(estimator: str) -> Tuple[str, ...]:
+    """The keyword arguments ``ESTIMATORS[estimator]`` takes besides the model and the data: its
+    own and the engine's evaluation options (``eval_batch_size`` for the estimators that train,
+    whose ``batch_size`` is the training minibatch)."""
+    fn = ESTIMATORS[estimator]
+    own = [p.name for p in inspect.signature(fn).parameters.values()
+           if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    extra = [o for o in _ENGINE_OPTIONS if o not in own]
+    if "batch_size" in own:
+        extra.append("eval_batch_size")
+    return tuple(own + extra)

@@ -226,6 +226,27 @@ torch.library.register_autograd(
     setup_context=_bce_setup,
 )
 
+
+def _no_double_backward(op: str):
+    """The derivative of a backward op: refused by name (the kernels have no second derivative;
+    without this, autograd would warn and return wrong gradients)."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"double backward through manifold_ext::{op} is not supported (its backward "
+                           f"kernel has no derivative of its own); for second derivatives, differentiate the "
+                           f"pure-PyTorch reference in manifold_ext._reference")
+
+    return backward
+
+
+def _no_context(ctx, inputs, output):
+    pass
+
+
+for _op in ("interp_linear", "interp_linear_cross_entropy", "batched_cross_entropy"):
+    torch.library.register_autograd(f"manifold_ext::{_op}_backward", _no_double_backward(_op),
+                                    setup_context=_no_context)
+
 # ----------------------------------------------------------------------------- vmap
 #
 # vmap over V adds a leading dimension to the per-call points. Every rule folds the V batches and

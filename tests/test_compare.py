@@ -96,7 +96,7 @@ def test_results_gains_and_tables(tiny_run):
     sizes = [r["size"] for r in result.ranking]
     assert sizes == sorted(sizes, reverse=True)
     metrics = [c["metric"] for c in result.correlations]
-    assert metrics == C.metric_names(C.Settings(**TINY)) and len(metrics) == 3 + 12
+    assert metrics == C.metric_names(C.Settings(**TINY)) and len(metrics) == len(C.DEFAULT_ESTIMATORS) + 12
     for c in result.correlations:
         assert c["n"] == 6
 
@@ -143,10 +143,38 @@ def test_resume_recomputes_nothing_and_refuses_other_settings(tiny_run, monkeypa
     ({"baselines": ("snip", "magic")}, r"unknown baseline\(s\) \['magic'\]"),
     ({"estimators": ("simplex",)}, r"default_estimator must be one of the estimators run \['simplex'\], got 'radius'"),
     ({"estimator_options": {"volume": {}}}, r"estimator_options for unknown estimator\(s\) \['volume'\]"),
+    ({"estimator_options": 5}, r"^settings: estimator_options must be a table of tables, one per estimator \(e.g. "
+                               r"\{'radius': \{'directions': 8\}\}\), got 5$"),
+    ({"estimator_options": {"radius": 3}}, r"^settings: estimator_options.radius must be a table of radius's options, got 3$"),
+    ({"estimator_options": {"radius": {"directons": 3}}},
+     r"^settings: estimator_options.radius: unknown option\(s\) \['directons'\] \(did you mean 'directions' for "
+     r"'directons'\?\); valid are \['directions', "),
+    ({"estimator_options": {"minima": {"tau": 1.0, "seed": 2}}},
+     r"^settings: estimator_options.minima sets \['seed', 'tau'\], which compare sets itself"),
 ])
 def test_settings_errors(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
         C.Settings(**kwargs)
+
+
+def test_every_estimator_option_compare_can_pass_is_accepted():
+    import inspect
+
+    from manifold_ext import manifold as M
+
+    for name, fn in M.ESTIMATORS.items():
+        own = [p for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
+        opts = {p.name: p.default for p in own if p.name not in ("tau", "seed", "quiet", "return_vertices", "train_data")}
+        C.Settings(estimators=[name], default_estimator=name, estimator_options={name: opts})
+    C.Settings(estimator_options={"minima": {"eval_batch_size": 8, "engine": "loop", "bn": "recompute"}})
+
+
+def test_a_bad_estimator_option_is_refused_before_training(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[estimator_options.radius]\ndirectons = 5\n")
+    assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-plot"]) == 2
+    assert "unknown option(s) ['directons'] (did you mean 'directions'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_settings_from_dict_rejects_unknown_keys():
@@ -209,8 +237,9 @@ def test_cli_writes_json_csv_and_plots(tmp_path, capsys):
     assert main(["compare", "--config", str(cfg), "--out", str(out), "--plot"]) == 0
     printed = capsys.readouterr().out
     assert "Ranking by manifold size (radius" in printed and "size_minima" in printed
-    for name in ("results.json", "results.csv", "metrics_vs_gain.png", "paths.png", "simplex_slice.png"):
+    for name in ("results.json", "results.csv", "metrics_vs_gain.png", "paths.png"):
         assert (out / name).stat().st_size > 0, name
+    assert not (out / "simplex_slice.png").exists()  # drawn only when the run measures simplex (not by default)
     rows = (out / "results.csv").read_text().splitlines()
     assert len(rows) == 1 + 6
     header = rows[0].split(",")
@@ -239,7 +268,11 @@ def test_cli_user_data(tmp_path):
      "a spec's type must be 'widen' or 'deepen', got 'grow'"),
     (None, ["--data", "none.npz"], "--data none.npz: no such file"),
     ("d.npz", ["--data", "d.npz"], r"--data: the mlp takes X of 2 dimensions \(\(N, features\)\), got \(12, 2, 3\)"),
-    ("bad.npz:not a zip", ["--data", "bad.npz"], "--data bad.npz: numpy cannot read it as .npz"),
+    ("bad.npz:not a zip", ["--data", "bad.npz"], r"--data bad.npz: not a .npz file \(a zip archive of arrays, as "
+     r"numpy.savez writes it\): it starts with the bytes b'not '"),
+    ("rand.npz:\xbf\x00\xff\x93NUMPY", ["--data", "rand.npz"], r"--data rand.npz: not a .npz file .*: it starts with "
+     r"the bytes b'\\xc2\\xbf\\x00\\xc3'"),
+    ("zip.npz:PK\x03\x04 truncated", ["--data", "zip.npz"], "--data zip.npz: numpy cannot read it as .npz"),
     (None, ["--resume"], "--resume needs --out: the directory of the run to continue"),
     (None, ["--resume", "--out", "."], "--resume: '.' holds no compare run"),
 ])
@@ -339,10 +372,15 @@ def test_out_naming_a_file_is_one_line(tmp_path, capsys):
     f = tmp_path / "results.txt"
     f.write_text("mine")
     assert main(["compare", "--quick", "--out", str(f), "--no-plot"]) == 2
-    assert capsys.readouterr().err == (f"manifold-ext compare: error: out: {str(f)!r} exists and is not a directory "
+    assert capsys.readouterr().err == (f"manifold-ext compare: error: --out: {str(f)!r} exists and is not a directory "
                                        f"(a run writes a directory of results)\n")
     assert main(["compare", "--quick", "--out", str(f / "run"), "--no-plot"]) == 2
-    assert f"{str(f)!r} is a file, not a directory" in capsys.readouterr().err
+    assert capsys.readouterr().err == (f"manifold-ext compare: error: --out: {str(f / 'run')!r} cannot be created: "
+                                       f"{str(f)!r} is a file, not a directory\n")
+    assert main(["compare", "--suite", "--out", str(f), "--no-plot"]) == 2
+    assert capsys.readouterr().err.startswith(f"manifold-ext compare: error: --out: {str(f)!r} exists and is not")
+    with pytest.raises(ValueError, match="^out: .* exists and is not a directory"):
+        C.compare(_tiny_bench(), C.Settings(**TINY), f, quiet=True)
     assert f.read_text() == "mine"
 
 
@@ -366,3 +404,43 @@ def test_a_corrupt_unit_is_recomputed_with_one_line(tiny_run, tmp_path, capsys, 
     assert err[0].endswith(": computing that unit again")
     assert json.loads(path.read_text())["candidate"] == "wide"
     assert [u["test_accuracy"] for u in again.units] == [u["test_accuracy"] for u in result.units]
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path, capsys, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    real = Path.write_text
+
+    def full(self, text, *a, **k):
+        if self.name == "results.json.tmp":
+            real(self, text[:10])  # the disk fills halfway through
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, text, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(TINY_TOML)
+    out = tmp_path / "run"
+    assert main(["compare", "--config", str(cfg), "--out", str(out), "--no-plot", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"manifold-ext compare: error: cannot write or read {out / 'results.json.tmp'}: No space left on "
+                   f"device; finished work is kept: run the same command with --out DIR --resume (DIR: the output "
+                   f"directory it printed) to continue\n")
+    assert not list(out.rglob("*.tmp")) and not (out / "results.json").exists()
+    assert len(list((out / "units").rglob("*.json"))) == 6  # the finished units are kept for --resume
+
+
+def test_atomic_write_removes_its_temporary_file_on_any_failure(tmp_path):
+    from manifold_ext._io import atomic_write
+
+    path = tmp_path / "r.json"
+    path.write_text("old")
+
+    def fails(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("serialising failed")
+
+    with pytest.raises(RuntimeError, match="serialising failed"):
+        atomic_write(path, fails)
+    assert path.read_text() == "old" and not (tmp_path / "r.json.tmp").exists()

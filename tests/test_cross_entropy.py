@@ -166,3 +166,27 @@ def test_batched_opcheck(device):
     _, _, lse = torch.ops.manifold_ext.batched_cross_entropy.default(logits, t)
     opcheck(torch.ops.manifold_ext.batched_cross_entropy_backward.default,
             (torch.randn(3, device=device), logits.detach(), t, lse))
+
+
+@pytest.mark.parametrize("op", ["interp_linear", "interp_linear_cross_entropy", "batched_cross_entropy"])
+def test_double_backward_is_refused_by_name(op):
+    import warnings
+
+    from manifold_ext import ops
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    W = torch.randn(2, 4, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(2, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    c = torch.rand(3, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.randint(4, (5,), generator=g)
+    logits = torch.randn(3, 5, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    out = {"interp_linear": lambda: ops.interp_linear(x, W, b, c).square().sum(),
+           "interp_linear_cross_entropy": lambda: ops.interp_linear_cross_entropy(x, W, b, c, t)[0].sum(),
+           "batched_cross_entropy": lambda: ops.batched_cross_entropy(logits, t)[0].sum()}[op]()
+    inputs = (logits,) if op == "batched_cross_entropy" else (x, W, c)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "silently incorrect" warning on the way
+        grads = torch.autograd.grad(out, inputs, create_graph=True)
+        with pytest.raises(RuntimeError, match=rf"^double backward through manifold_ext::{op} is not supported"):
+            sum(gr.sum() for gr in grads).backward()

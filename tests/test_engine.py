@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from manifold_ext import engine, params as P
@@ -137,6 +138,34 @@ class DataDependent(nn.Module):
         if h.max() > 0:  # a Python branch on a computed value: impossible under vmap
             return h
         return -h
+
+
+class WrongShape(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.lin(x).unsqueeze(-1)  # (N, 10, 1): not the (N, classes) cross-entropy needs
+
+
+class Broken(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(64, 10)
+
+    def forward(self, x):
+        raise ValueError("my model is broken")
+
+
+def test_a_model_that_fails_on_its_own_gets_its_own_error_not_loop_advice():
+    with pytest.raises(ValueError, match=r"^the model's output does not fit loss='cross_entropy': logits of shape "
+                                         r"\(1, 10, 1\) for 1 example of shape \(1, 64\), expected \(1, classes\)$"):
+        engine.evaluate(WrongShape(), [WrongShape(), WrongShape()], _coeffs(3, 2), _digits(5), engine="fused")
+    with pytest.raises(ValueError, match="^my model is broken$"):
+        engine.evaluate(Broken(), [Broken(), Broken()], _coeffs(3, 2), _digits(5), engine="fused")
+    with pytest.raises(ValueError, match="^my model is broken$"):  # auto does not fall back to the loop either
+        engine.evaluate(Broken(), [Broken(), Broken()], _coeffs(3, 2), _digits(5))
 
 
 def test_model_that_cannot_vmap_suggests_loop():
@@ -381,3 +410,34 @@ def test_auto_disagreement_fakes():
     with pytest.warns(RuntimeWarning, match="disagrees with the loop"):
         loss, _, chosen = engine._auto(coeffs, False, fused, _fake_engine("loop", 1.0, calls), quiet=True)
     assert chosen == "loop" and loss.tolist() == list(range(8))
+
+
+class DoublesItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x.mul_(2)  # in place, on whatever it is given
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("eng", ["fused", "loop", "auto"])
+@pytest.mark.parametrize("make", [lambda: DoublesItsInput(),
+                                  lambda: nn.Sequential(nn.ReLU(inplace=True), nn.Linear(64, 10))],
+                         ids=["doubles", "inplace-relu-chain"])
+def test_a_model_that_changes_its_input_changes_neither_the_caller_s_data_nor_the_result(eng, make):
+    torch.manual_seed(0)
+    vertices = [make(), make()]
+    x, y = _digits(13)
+    x = x.clone()
+    before = x.clone()
+    coeffs = _coeffs(5, 2)
+    ev = engine.evaluate(vertices[0], vertices, coeffs, (x, y), engine=eng, batch_size=4)
+    assert torch.equal(x, before)
+    for b in range(5):  # each point as a fresh model on a fresh copy of the data
+        m = make()
+        m.load_state_dict({k: coeffs[b, 0] * vertices[0].state_dict()[k] + coeffs[b, 1] * vertices[1].state_dict()[k]
+                           for k in m.state_dict()})
+        want = sum(F.cross_entropy(m(x[i:i + 4].clone()), y[i:i + 4], reduction="sum") for i in range(0, 13, 4)) / 13
+        torch.testing.assert_close(ev.loss[b].float(), want.detach(), rtol=1e-5, atol=1e-5)

@@ -70,12 +70,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resume_hint(args) -> str:
+    if args.command != "compare":
+        return ""
+    return (" finished work is kept: run the same command with --out DIR --resume (DIR: the output directory it "
+            "printed) to continue")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the ``manifold-ext`` command line with ``argv`` (default: ``sys.argv[1:]``).
 
     Returns the exit status: 0 on success, 1 when a check the command makes fails, 2 for bad
     input (one line on stderr; the traceback with ``--debug``), 3 when another rank of a
-    distributed run failed, 130 after Ctrl-C (one line; for compare, how to resume), 141 when
+    distributed run failed, 130 after Ctrl-C (one line; for compare, how to resume), 2 also when
+    a file cannot be written or read (a full or read-only disk: one line), 141 when
     the reader of its output has gone (``| head``). Invalid arguments raise ``SystemExit(2)``
     with argparse's message, from the subcommand, suggesting the closest valid option; an
     option is never abbreviated.
@@ -98,15 +106,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         D.shutdown(wait=False)
         if args.debug:
             raise
-        hint = (" finished work is kept: run the same command with --out DIR --resume (DIR: the output directory it "
-                "printed) to continue" if args.command == "compare" else "")
-        print(f"manifold-ext {args.command}: interrupted;{hint or ' nothing was saved'}", file=sys.stderr)
+        print(f"manifold-ext {args.command}: interrupted;{_resume_hint(args) or ' nothing was saved'}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # The reader (e.g. `| head`) has gone: stop quietly, and keep Python's own flush at exit quiet.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
+    except OSError as err:  # not the user's input: the disk or the system (a full disk, a read-only one)
+        D.shutdown(wait=False)
+        if args.debug or err.strerror is None:
+            raise
+        where = f" {err.filename}" if err.filename else ""
+        hint = _resume_hint(args)
+        print(f"manifold-ext {args.command}: error: cannot write or read{where}: {err.strerror}"
+              f"{';' + hint if hint else ''}", file=sys.stderr)
+        return 2
     except D.DistributedError as err:
         D.shutdown(wait=False)
         if args.debug:

@@ -401,6 +401,11 @@ def read_data(path: Path, *, tokens: bool = False) -> dict:
     if path.suffix == ".npz":
         import numpy as np
 
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic not in (b"PK\x03\x04", b"PK\x05\x06"):
+            raise CommandError(f"--data {label}: not a .npz file (a zip archive of arrays, as numpy.savez writes it): "
+                               f"it starts with the bytes {magic!r}")
         try:
             with np.load(path, allow_pickle=False) as arrays:
                 found = {k: arrays[k] for k in arrays.files}

@@ -22,8 +22,9 @@ from torch import nn
 
 from .. import compare as C
 from .. import distributed as D
-from ..builtin import (Benchmark, Candidate, Task, benchmark, task_from_arrays, task_from_tokens,
-                       transformer_candidates)
+from .._io import atomic_write
+from ..builtin import (CNN_WIDTHS, SUITE, Benchmark, Candidate, Task, benchmark, suite, task_from_arrays,
+                       task_from_tokens, transformer_candidates)
 from ._args import CommandError, add_device_argument, have_matplotlib, int_at_least, resolve_device
 from ._load import _load_state as load_state
 from ._load import _read as read_file
@@ -63,10 +64,17 @@ def add_parser(sub, common) -> None:
                    "Hugging Face GPT-2 language model, needs transformers) on the bytes of Python's "
                    "standard-library source; transformer (a TinyTransformer classifier) only with "
                    "--data holding token ids")
-    p.add_argument("--task", choices=("digits", "python"), default=None,
-                   help="built-in data: digits (8x8 images of handwritten digits; for mlp and cnn) or "
+    p.add_argument("--task", choices=("digits", "teacher", "clusters", "python"), default=None,
+                   help="built-in data: digits (8x8 images of handwritten digits; for mlp and cnn), "
+                   "teacher (Gaussian inputs labelled by a random wider MLP; for mlp), clusters "
+                   "(scikit-learn's make_classification, 5 classes of 3 clusters; for mlp) or "
                    "python (byte-level text of the standard library's source, sequences of 64 "
                    "bytes; for gpt2, or a language model given as --base)")
+    p.add_argument("--suite", action="store_true",
+                   help="run every built-in benchmark (" + ", ".join(f"{m}-{t}" for m, t in SUITE) + "), each "
+                   "in OUT/MODEL-TASK, and print one cross-task table: each metric's within-seed Spearman "
+                   "per task and on average, and its equal-size order (suite.json, suite.csv); --config "
+                   "may set settings for every task, not candidates")
     p.add_argument("--data", type=Path, default=None,
                    help="your own data: FILE.npz with arrays X and y, or FILE.pt with a dict "
                    "{'X': tensor, 'y': tensor} or a tuple (X, y) of torch tensors (read with "
@@ -473,7 +481,7 @@ def _with_data(bench: Benchmark, task: Task) -> Benchmark:
     if bench.model == "mlp":
         make = lambda: models.mlp((task.x_train.shape[1], 11, 11, classes))  # noqa: E731
     elif bench.model == "cnn":
-        make = lambda: models.ResNetCNN(task.x_train.shape[1], (8, 16), (1, 1), classes)  # noqa: E731
+        make = lambda: models.ResNetCNN(task.x_train.shape[1], CNN_WIDTHS, (1, 1), classes)  # noqa: E731
     else:
         vocab = int(max(task.x_train.max(), task.x_test.max())) + 1
         make = lambda: models.TinyTransformer(vocab, task.x_train.shape[1], 16, 2, classes)  # noqa: E731
@@ -501,12 +509,14 @@ def _write_csv(result: C.CompareResult, path: Path) -> None:
         for n in names:
             row[n] = u["sizes"][n[5:]] if n.startswith("size_") else u["baselines"][n]
         rows.append(row)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(path, write)
 
 
 def _tables(result: C.CompareResult, say) -> None:
@@ -554,8 +564,71 @@ def _base_summary(result: C.CompareResult, say) -> None:
         say(f"warning: {w}")
 
 
+def _check_out(out: Optional[Path]) -> None:
+    """--out names a directory that can be written (before anything is trained)."""
+    if out is not None:
+        try:
+            C.check_out(out)
+        except ValueError as err:
+            raise CommandError(f"--{err}") from None
+
+
+def _run_suite(args, say) -> int:
+    """--suite: every built-in benchmark, then the cross-task table."""
+    from .. import suite as S
+
+    for flag, value in (("--model", args.model), ("--task", args.task), ("--data", args.data),
+                        ("--base", args.base), ("--arch", args.arch)):
+        if value is not None:
+            raise CommandError(f"{flag}: not with --suite (the suite runs every built-in benchmark on its own data)")
+    cfg = _load_config(args.config) if args.config else {}
+    for key in ("model", "task", "candidates"):
+        if key in cfg:
+            raise CommandError(f"--config {args.config}: {key} is not used with --suite (each benchmark has its own); "
+                               f"set only settings")
+    if args.seeds is not None:
+        cfg["seeds"] = args.seeds
+    if args.resume and args.out is None:
+        raise CommandError("--resume needs --out: the directory of the suite run to continue")
+    _check_out(args.out)
+    try:
+        benches = suite()
+        for b in benches:  # every task's settings, before any training
+            C.settings_for(b.quick_version() if args.quick else b, quick=args.quick, **cfg)
+    except (ValueError, ImportError) as err:
+        raise CommandError(f"{'--config: ' if args.config else ''}{err}") from None
+    out = args.out or Path("results") / f"suite-{time.strftime('%Y%m%d-%H%M%S')}"
+    say(f"manifold-ext compare --suite: {len(benches)} benchmarks ({', '.join(b.name for b in benches)}) -> {out}")
+
+    def done(name, result):
+        p = result.signal.get("friedman_p")
+        say(f"  {name}: {len(result.units)} units, {result.seconds:.0f} s, Friedman p = "
+            f"{'-' if p is None else f'{p:.2g}'}")
+        if args.plot:
+            from .. import compare_plots
+
+            bench = next(b for b in benches if b.name == name)
+            bench = bench.quick_version() if args.quick else bench
+            settings = C.Settings.from_dict(result.settings)
+            base = C.load_base(bench, out / name, 0, device=resolve_device(args.device))
+            compare_plots.all_figures(bench, settings, result, base, out / name)
+
+    result = S.run_suite(benches, out, quick=args.quick, overrides=cfg, resume=args.resume, quiet=args.quiet,
+                         device=resolve_device(args.device), on_task=done)
+    say(f"\nWithin-seed Spearman of each metric with the gains over the base, per task and averaged over the "
+        "tasks with signal; equal-size order: share of same-size candidate pairs in the order of their gains "
+        "(average over those tasks):")
+    say(S.format_table(result))
+    say(f"\n{sum(result.seconds.values()):.0f} s; wrote suite.json, suite.csv and one run directory per task in {out}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     say = (lambda *a: None) if args.quiet or not D.is_main() else print
+    if args.suite:
+        if args.plot and not have_matplotlib():
+            raise CommandError("--plot needs matplotlib (pip install matplotlib), or pass --no-plot")
+        return _run_suite(args, say)
     if args.plot is None:
         args.plot = have_matplotlib()
     elif args.plot and not have_matplotlib():
@@ -564,6 +637,7 @@ def run(args: argparse.Namespace) -> int:
     bench, settings, given = _setup(args)
     if args.resume and args.out is None:
         raise CommandError("--resume needs --out: the directory of the run to continue")
+    _check_out(args.out)
     if args.out is not None and args.resume and not (args.out / "config.json").exists():
         raise CommandError(f"--resume: {str(args.out)!r} holds no compare run (no config.json)")
     # Under torchrun, rank 0 names the fresh directory for every rank.
