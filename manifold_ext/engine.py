@@ -130,10 +130,25 @@ def _head_forward(inp: Tensor) -> Tensor:
     return inp
 
 
-def _bn_forward(module: _BN, mode_ref: List[str], collected: List[Tensor]):
+class _TooFewValues(ValueError):
+    """A chunk too small to recompute a BatchNorm's statistics from (both engines raise it)."""
+
+
+def _check_bn_values(name: str, inp: Tensor) -> None:
+    """Recomputing statistics needs more than one value per channel, as BatchNorm in training mode
+    does; both engines apply this rule, so they refuse the same chunks."""
+    if inp.dim() >= 2 and inp.numel() // max(inp.shape[1], 1) <= 1:
+        raise _TooFewValues(
+            f"bn='recompute': BatchNorm {name!r} cannot recompute its statistics from one value per channel "
+            f"(a chunk of input shape {tuple(inp.shape)}); pass a batch_size that leaves at least 2 examples "
+            f"in every chunk, or bn='interpolate'")
+
+
+def _bn_forward(module: _BN, mode_ref: List[str], collected: List[Tensor], name: str = ""):
     def forward(inp: Tensor) -> Tensor:
         dims = [0] + list(range(2, inp.dim()))
         if mode_ref[0] == "collect":  # train-mode normalisation, as torch.optim.swa_utils.update_bn
+            _check_bn_values(name, inp)
             mean = inp.mean(dims)
             var = inp.var(dims, unbiased=False)
             n = inp.numel() // inp.shape[1]
@@ -263,7 +278,7 @@ class _Fused:
             elif isinstance(m, _BN):
                 if not m.track_running_stats:
                     raise ValueError(f"BatchNorm {name!r} keeps no running statistics; not supported")
-                patches[m] = _bn_forward(m, self.mode_ref, self.collected)
+                patches[m] = _bn_forward(m, self.mode_ref, self.collected, name)
             for n in own:
                 users.setdefault(n, []).append(patch is not None and not isinstance(m, _BN))
             if patch is not None:
@@ -324,7 +339,7 @@ class _Fused:
         try:
             with _patched(self.patches):
                 return vmap(one_point)(coeffs, mat)
-        except (torch.OutOfMemoryError, MemoryError):
+        except (torch.OutOfMemoryError, MemoryError, _TooFewValues):
             raise
         except Exception as err:  # noqa: BLE001 - rethrown with its real cause
             cause = self.plain_error(x, kwargs)
@@ -646,16 +661,21 @@ def _direct_loss(out: Tensor, y: Tensor, loss: str, ignore_index: int) -> Tuple[
 def _update_bn(m: nn.Module, x: Tensor, chunks, kwargs) -> None:
     """Running statistics of every BatchNorm recomputed from the data, as
     ``torch.optim.swa_utils.update_bn`` does (a cumulative average over the chunks)."""
-    bns = [mod for mod in m.modules() if isinstance(mod, _BN)]
+    bns = {mod: name for name, mod in m.named_modules() if isinstance(mod, _BN)}
     momenta = {}
     for bn in bns:
         bn.reset_running_stats()
         momenta[bn] = bn.momentum
         bn.momentum = None
+    hooks = [bn.register_forward_pre_hook(lambda mod, args: _check_bn_values(bns[mod], args[0])) for bn in bns]
     m.train()
-    with torch.no_grad():
-        for e0, e1 in chunks:
-            m(x[e0:e1].clone(), **_rows_of(kwargs, e0, e1))  # a copy: the model may change its input
+    try:
+        with torch.no_grad():
+            for e0, e1 in chunks:
+                m(x[e0:e1].clone(), **_rows_of(kwargs, e0, e1))  # a copy: the model may change its input
+    finally:
+        for h in hooks:
+            h.remove()
     for bn in bns:
         bn.momentum = momenta[bn]
     m.eval()

@@ -441,3 +441,24 @@ def test_a_model_that_changes_its_input_changes_neither_the_caller_s_data_nor_th
                            for k in m.state_dict()})
         want = sum(F.cross_entropy(m(x[i:i + 4].clone()), y[i:i + 4], reduction="sum") for i in range(0, 13, 4)) / 13
         torch.testing.assert_close(ev.loss[b].float(), want.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("eng", ["fused", "loop"])
+@pytest.mark.parametrize("batch_size,refused", [(1, True), (4, True), (3, False)])
+def test_batchnorm_from_one_value_per_channel_is_refused_alike_by_both_engines(eng, batch_size, refused):
+    from manifold_ext import models
+
+    torch.manual_seed(0)
+    vertices = [models.mlp((64, 6, 10), norm="batch") for _ in range(2)]
+    x, y = _digits(9)  # chunks of 4 leave one example in the last
+    if refused:
+        with pytest.raises(ValueError, match=r"^bn='recompute': BatchNorm '1' cannot recompute its statistics from one "
+                                             r"value per channel \(a chunk of input shape \(1, 6\)\); pass a batch_size "
+                                             r"that leaves at least 2 examples in every chunk, or bn='interpolate'$"):
+            engine.evaluate(vertices[0], vertices, _coeffs(3, 2), (x, y), engine=eng, batch_size=batch_size)
+    else:
+        ev = engine.evaluate(vertices[0], vertices, _coeffs(3, 2), (x, y), engine=eng, batch_size=batch_size)
+        other = engine.evaluate(vertices[0], vertices, _coeffs(3, 2), (x, y), engine="loop", batch_size=batch_size)
+        torch.testing.assert_close(ev.loss, other.loss)
+    # Without recomputation, any chunk will do.
+    engine.evaluate(vertices[0], vertices, _coeffs(3, 2), (x, y), engine=eng, batch_size=batch_size, bn="interpolate")
