@@ -654,8 +654,14 @@ def _direct_loss(out: Tensor, y: Tensor, loss: str, ignore_index: int) -> Tuple[
     logits = out.reshape(-1, out.shape[-1])
     t = y.reshape(-1)
     keep = t != ignore_index
-    loss_sum = F.cross_entropy(logits.double(), t, reduction="sum", ignore_index=ignore_index)
-    return loss_sum, ((logits.argmax(-1) == t) & keep).sum()
+    logits = logits.double()
+    # The kernels' rule: a row whose log-sum-exp is not finite (a NaN or +inf logit, or every
+    # logit -inf) has no defined loss (NaN) and is never correct.
+    defined = torch.isfinite(torch.logsumexp(logits, -1)) | ~keep
+    loss_sum = F.cross_entropy(logits, t, reduction="sum", ignore_index=ignore_index)
+    if not bool(defined.all()):
+        loss_sum = torch.full_like(loss_sum, float("nan"))
+    return loss_sum, ((logits.argmax(-1) == t) & keep & defined).sum()
 
 
 def _update_bn(m: nn.Module, x: Tensor, chunks, kwargs) -> None:

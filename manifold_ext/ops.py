@@ -57,6 +57,11 @@ def interp_linear_cross_entropy(
         the summed cross-entropy over the N examples (float32, or float64 for float64 inputs)
         and the number of examples whose argmax prediction equals the target (int64).
         Differentiable in x, weight, bias and coeffs through ``loss_sum``.
+
+    Non-finite logits: an example whose logits' log-sum-exp is not finite (a NaN or +inf logit,
+    or every logit -inf) has loss NaN (so its point's ``loss_sum`` is NaN) and is never counted
+    correct; a -inf logit among finite ones is an ordinary zero probability (loss +inf when it is
+    the target's). Every device and route, and ``engine="loop"``, follow this rule.
     """
     loss_sum, correct, _ = _ops.interp_linear_cross_entropy.default(x, weight, bias, coeffs, target)
     return loss_sum, correct
@@ -71,7 +76,8 @@ def batched_cross_entropy(logits: Tensor, target: Tensor) -> tuple[Tensor, Tenso
 
     Returns:
         ``(loss_sum, correct)`` of shape ``(B,)`` (``()`` for 2-D logits), as in
-        :func:`interp_linear_cross_entropy`. Differentiable in logits through ``loss_sum``.
+        :func:`interp_linear_cross_entropy`, with its rule for non-finite logits.
+        Differentiable in logits through ``loss_sum``.
     """
     loss_sum, correct, _ = _ops.batched_cross_entropy.default(logits, target)
     return loss_sum, correct

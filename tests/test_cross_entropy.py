@@ -190,3 +190,39 @@ def test_double_backward_is_refused_by_name(op):
         grads = torch.autograd.grad(out, inputs, create_graph=True)
         with pytest.raises(RuntimeError, match=rf"^double backward through manifold_ext::{op} is not supported"):
             sum(gr.sum() for gr in grads).backward()
+
+
+NONFINITE_ROWS = {  # logits of 3 classes, target 0: (defined?, loss)
+    "nan": ([float("nan"), 0.0, 1.0], False),
+    "+inf": ([float("inf"), 0.0, 1.0], False),
+    "two +inf": ([float("inf"), float("inf"), 0.0], False),
+    "all -inf": ([-float("inf")] * 3, False),
+    "target -inf": ([-float("inf"), 0.0, 1.0], True),  # defined: probability 0, loss +inf
+    "finite": ([2.0, 0.0, 1.0], True),
+}
+
+
+@pytest.mark.parametrize("row", list(NONFINITE_ROWS))
+@pytest.mark.parametrize("target", [0, 2])
+def test_non_finite_logits_follow_one_rule_on_every_cpu_route(row, target):
+    """A row whose log-sum-exp is not finite has loss NaN and is never correct, on the kernels'
+    routes and the loop's; any other row is ordinary cross-entropy (inf when the target has -inf)."""
+    from manifold_ext import engine, ops
+
+    values, defined = NONFINITE_ROWS[row]
+    logits = torch.tensor([values], dtype=torch.float64)
+    t = torch.tensor([target])
+    ref_loss = torch.nn.functional.cross_entropy(logits, t, reduction="sum") if defined else torch.tensor(float("nan"))
+    ref_correct = int(defined and logits.argmax(-1).item() == target)
+    got = {"batched": ops.batched_cross_entropy(logits[None], t[None]),
+           "loop": engine._direct_loss(logits, t, "cross_entropy", -100)}
+    # The fused linear route: logits = x @ W^T with x = 1 and W holding the row, once with few
+    # classes (the per-vertex route) and once padded to many (the streaming route).
+    for name, pad in (("linear", 0), ("linear streaming", 197)):
+        w = torch.cat([logits[0], torch.full((pad,), -float("inf"), dtype=torch.float64)]).reshape(1, -1, 1)
+        got[name] = ops.interp_linear_cross_entropy(torch.ones(1, 1, 1, dtype=torch.float64), w, None,
+                                                    torch.ones(1, 1, dtype=torch.float64), t[None])
+    for name, (loss, correct) in got.items():
+        loss = loss.reshape(())
+        assert (torch.isnan(loss) and torch.isnan(ref_loss)) or loss.item() == pytest.approx(ref_loss.item()), name
+        assert int(correct.reshape(())) == ref_correct, name

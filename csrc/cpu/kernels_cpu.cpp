@@ -263,6 +263,15 @@ void outer_mix_cpu(const Tensor& g, const Tensor& x, const Tensor& weight, const
 // outweighs the arithmetic, so one product gives every vertex's logits for every example of every
 // point, each point mixes its K, and the row reductions run vectorised over all rows at once.
 // (B=64, N=64, 256 -> 10 classes: 4.8 ms per call the per-point way.)
+// A row whose log-sum-exp is not finite (a NaN or +inf logit, or every logit -inf) has no
+// defined loss: NaN, and it is never correct. The CUDA kernels and the loop apply the same rule.
+void write_rows(const Tensor& lse, const Tensor& z_target, const Tensor& hit, Tensor loss, Tensor correct) {
+  const Tensor defined = at::isfinite(lse);
+  loss.copy_(at::where(defined, lse - z_target, at::full({}, std::numeric_limits<double>::quiet_NaN(),
+                                                         lse.options())));
+  correct.copy_(hit & defined);
+}
+
 bool ce_by_vertex_pays(const Tensor& x, const Tensor& weight, int64_t K, int64_t C) {
   return K * C <= 128 && x.is_contiguous() && weight.is_contiguous();
 }
@@ -297,8 +306,8 @@ void linear_ce_rows_by_vertex(const Tensor& x, const Tensor& weight, const Tenso
       const Tensor t = target.narrow(0, b0, bc).reshape({bc * N});
       const Tensor l = at::logsumexp(logits, 1);
       lse.narrow(0, b0, bc).copy_(l.view({bc, N}));
-      loss.narrow(0, b0, bc).copy_((l - logits.gather(1, t.unsqueeze(1)).squeeze(1)).view({bc, N}));
-      correct.narrow(0, b0, bc).copy_((logits.argmax(1) == t).view({bc, N}));
+      write_rows(l, logits.gather(1, t.unsqueeze(1)).squeeze(1), logits.argmax(1) == t,
+                 loss.narrow(0, b0, bc).view({bc * N}), correct.narrow(0, b0, bc).view({bc * N}));
     }
   });
 }
@@ -351,8 +360,7 @@ void linear_ce_rows_cpu(const Tensor& x, const Tensor& weight, const Tensor& coe
         }
         Tensor l = run_max + run_sum.log();
         lse[b].copy_(l);
-        loss[b].copy_(l - zt);
-        correct[b].copy_(arg == tb);
+        write_rows(l, zt, arg == tb, loss[b], correct[b]);
       }
     });
   });
@@ -368,8 +376,8 @@ void ce_rows_cpu(const Tensor& logits, const Tensor& target, Tensor& lse, Tensor
     const Tensor l = logits.narrow(0, b0, bc), t = target.narrow(0, b0, bc);
     const Tensor s = at::logsumexp(l, -1);
     lse.narrow(0, b0, bc).copy_(s);
-    loss.narrow(0, b0, bc).copy_(s - l.gather(2, t.unsqueeze(-1)).squeeze(-1));
-    correct.narrow(0, b0, bc).copy_(l.argmax(-1) == t);
+    Tensor loss_part = loss.narrow(0, b0, bc), correct_part = correct.narrow(0, b0, bc);
+    write_rows(s, l.gather(2, t.unsqueeze(-1)).squeeze(-1), l.argmax(-1) == t, loss_part, correct_part);
   }
 }
 

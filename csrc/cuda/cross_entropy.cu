@@ -85,13 +85,16 @@ __device__ void reduce_lanes(RowStats<T>& s, T& z_target, int lanes) {
   }
 }
 
+// A row whose log-sum-exp is not finite (a NaN or +inf logit, or every logit -inf) has no
+// defined loss: NaN, and it is never correct. The CPU routes and the loop apply the same rule.
 template <typename T>
 __device__ void write_row(const RowStats<T>& s, T z_target, int64_t target, int64_t row, T* lse,
                           T* loss, bool* correct) {
   const T l = s.max + std::log(s.sum);
+  const bool defined = isfinite(l);
   lse[row] = l;
-  loss[row] = l - z_target;
-  correct[row] = s.arg == target;
+  loss[row] = defined ? l - z_target : std::numeric_limits<T>::quiet_NaN();
+  correct[row] = defined && s.arg == target;
 }
 
 // ---- linear_ce_rows: the logits GEMM of interp_mm (transpose=false) with a row epilogue ----
