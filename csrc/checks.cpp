@@ -75,12 +75,25 @@ void check_target(const char* op, const at::Tensor& target, int64_t B, int64_t N
              op, "expected target to have shape (N,) = (", N, ") or (B, N) = (", B, ", ", N,
              "), but got shape ", shape_str(target));
   }
-  // A device-side check would cost a synchronisation; CUDA kernels assert instead.
-  if (!target.is_cuda() && target.numel() > 0) {
-    const int64_t lo = target.min().item<int64_t>(), hi = target.max().item<int64_t>();
+  // On the host, before any kernel runs: an out-of-range index in a CUDA kernel would be a
+  // device-side assert, which leaves the CUDA context unusable. One synchronisation per call.
+  if (target.numel() > 0) {
+    const auto range = at::aminmax(target);
+    const at::Tensor both = at::stack({std::get<0>(range), std::get<1>(range)}).cpu();
+    const int64_t lo = both[0].item<int64_t>(), hi = both[1].item<int64_t>();
     MX_CHECK(lo >= 0 && hi < C, op, "expected target values in [0, ", C, ") (the classes in ",
              "weight or logits), but got values in [", lo, ", ", hi, "]");
   }
+}
+
+void check_grad_input(const char* op, const char* name, const at::Tensor& t, int64_t numel,
+                      const char* shape, const at::Device& device) {
+  MX_CHECK(t.device() == device, op, "expected ", name, " on device ", device,
+           " (the device of the other inputs), but got ", t.device());
+  MX_CHECK(at::isFloatingType(t.scalar_type()), op, "expected ", name,
+           " to have a floating-point dtype, but got ", t.scalar_type());
+  MX_CHECK(numel < 0 || t.numel() == numel, op, "expected ", name, " to have shape ", shape, " (", numel,
+           " elements), but got shape ", shape_str(t));
 }
 
 }  // namespace manifold_ext

@@ -87,6 +87,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> interp_linear_backward(
   check_interp_args("interp_linear_backward", x, weight, bias, coeffs);
   const Interp p = normalise(x, weight, coeffs);
   const bool has_bias = bias.has_value() && bias->defined();
+  check_grad_input("interp_linear_backward", "grad_y", grad_y, -1, "(B, N, out)", x.device());
   const Tensor g = (p.single ? grad_y.unsqueeze(0) : grad_y).contiguous();
   MX_CHECK(g.dim() == 3 && g.size(0) == p.B && g.size(1) == p.N && g.size(2) == p.J,
            "interp_linear_backward", "expected grad_y to have shape (B, N, out) = (", p.B, ", ",
@@ -185,6 +186,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> interp_linear_cross_entropy_backward(
   const char* op = "interp_linear_cross_entropy_backward";
   check_interp_args(op, x, weight, bias, coeffs);
   const Interp p = normalise(x, weight, coeffs);
+  check_target(op, target, p.B, p.N, p.J, p.single, x.device());
+  check_grad_input(op, "grad_loss", grad_loss, p.B, "(B,)", x.device());
+  check_grad_input(op, "lse", lse_in, p.B * p.N, "(B, N)", x.device());
   const bool has_bias = bias.has_value() && bias->defined();
   const Tensor gl = grad_loss.reshape({p.B}).to(p.op_t);
   const Tensor lse = lse_in.reshape({p.B, p.N}).to(p.op_t);
@@ -293,9 +297,18 @@ std::tuple<Tensor, Tensor, Tensor> batched_cross_entropy(const Tensor& logits,
 
 Tensor batched_cross_entropy_backward(const Tensor& grad_loss, const Tensor& logits,
                                       const Tensor& target, const Tensor& lse) {
+  const char* op = "batched_cross_entropy_backward";
+  MX_CHECK(logits.dim() == 2 || logits.dim() == 3, op,
+           "expected logits to have shape (B, N, classes) or (N, classes), but got shape ",
+           shape_str(logits));
+  MX_CHECK(at::isFloatingType(logits.scalar_type()), op,
+           "expected logits to have a floating-point dtype, but got ", logits.scalar_type());
   const bool single = logits.dim() == 2;
   const Tensor l = single ? logits.unsqueeze(0) : logits;
   const int64_t B = l.size(0), N = l.size(1);
+  check_target(op, target, B, N, l.size(2), single, logits.device());
+  check_grad_input(op, "grad_loss", grad_loss, B, "(B,)", logits.device());
+  check_grad_input(op, "lse", lse, B * N, "(B, N)", logits.device());
   const auto op_t = opmath_type(logits.scalar_type());
   Tensor g = (l.to(op_t) - lse.reshape({B, N, 1}).to(op_t)).exp_();
   if (B > 0 && N > 0) {

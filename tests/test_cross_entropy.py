@@ -226,3 +226,44 @@ def test_non_finite_logits_follow_one_rule_on_every_cpu_route(row, target):
         loss = loss.reshape(())
         assert (torch.isnan(loss) and torch.isnan(ref_loss)) or loss.item() == pytest.approx(ref_loss.item()), name
         assert int(correct.reshape(())) == ref_correct, name
+
+
+def _backward_cases():
+    ops = torch.ops.manifold_ext
+    g = torch.Generator().manual_seed(0)
+    x, W, c = torch.randn(4, 3, generator=g), torch.randn(2, 5, 3, generator=g), torch.rand(6, 2, generator=g)
+    t = torch.tensor([0, 4, 2, 1])
+    _, _, lse = ops.interp_linear_cross_entropy(x, W, None, c, t)
+    logits, mask = torch.randn(6, 4, 5, generator=g), [True] * 4
+    ilce, bce = ops.interp_linear_cross_entropy_backward, ops.batched_cross_entropy_backward
+    return [
+        (lambda: ilce(torch.ones(6), x, W, None, c, t + 1, lse, mask),
+         r"interp_linear_cross_entropy_backward: expected target values in \[0, 5\) \(the classes in weight or "
+         r"logits\), but got values in \[1, 5\]"),
+        (lambda: ilce(torch.ones(5), x, W, None, c, t, lse, mask),
+         r"interp_linear_cross_entropy_backward: expected grad_loss to have shape \(B,\) \(6 elements\), but got shape \[5\]"),
+        (lambda: ilce(torch.ones(6), x, W, None, c, t, lse[:3], mask),
+         r"interp_linear_cross_entropy_backward: expected lse to have shape \(B, N\) \(24 elements\), but got shape \[3, 4\]"),
+        (lambda: ilce(torch.ones(6, dtype=torch.long), x, W, None, c, t, lse, mask),
+         "interp_linear_cross_entropy_backward: expected grad_loss to have a floating-point dtype, but got Long"),
+        (lambda: ops.interp_linear_backward(torch.ones(6, 4, 4), x, W, None, c, mask),
+         r"interp_linear_backward: expected grad_y to have shape \(B, N, out\) = \(6, 4, 5\), but got shape \[6, 4, 4\]"),
+        (lambda: ops.interp_linear_backward(torch.ones(6, 4, 5, dtype=torch.long), x, W, None, c, mask),
+         "interp_linear_backward: expected grad_y to have a floating-point dtype, but got Long"),
+        (lambda: bce(torch.ones(6), torch.randn(4), t, lse),
+         r"batched_cross_entropy_backward: expected logits to have shape \(B, N, classes\) or \(N, classes\), but got "
+         r"shape \[4\]"),
+        (lambda: bce(torch.ones(6), logits, t - 1, lse),
+         r"batched_cross_entropy_backward: expected target values in \[0, 5\) .* but got values in \[-1, 3\]"),
+        (lambda: bce(torch.ones(2), logits, t, lse),
+         r"batched_cross_entropy_backward: expected grad_loss to have shape \(B,\) \(6 elements\), but got shape \[2\]"),
+        (lambda: bce(torch.ones(6), logits, t.float(), lse),
+         "batched_cross_entropy_backward: expected target to have dtype int64"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(10))
+def test_backward_ops_validate_their_arguments(case):
+    call, message = _backward_cases()[case]
+    with pytest.raises(RuntimeError, match=message):
+        call()
