@@ -337,7 +337,11 @@ class _Fused:
             return self._loss(logits_of(out), c, y, rows)
 
         try:
-            with _patched(self.patches):
+            with _patched(self.patches), warnings.catch_warnings():
+                # vmap's per-point fallback for an op without a batching rule (e.g. CPU flash
+                # attention) is slower, which engine="auto" measures and weighs itself.
+                warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet "
+                                        "implemented the batching rule", category=UserWarning)
                 return vmap(one_point)(coeffs, mat)
         except (torch.OutOfMemoryError, MemoryError, _TooFewValues):
             raise
