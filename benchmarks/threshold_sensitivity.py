@@ -1,4 +1,5 @@
-"""How the loss threshold's rule changes each estimator's prediction, on a finished suite run.
+"""How the loss threshold's rule (and, with ``--options``, an estimator's settings) changes each
+estimator's prediction, on a finished suite run.
 
 For every task of the run, seed and candidate, the candidate is grown and adapted again (as the
 run did: deterministic given the seed) and each estimator is measured at the threshold of each
@@ -11,10 +12,11 @@ rule; the within-seed Spearman with the run's gains and the equal-size order fol
 * ``+D``: D nats above the base's probe loss, capped halfway to ln K.
 
     python -m benchmarks.threshold_sensitivity SUITE_DIR [--rules x1.25 x1.5 x2 x3 f0.1 f0.25 +0.1 +0.5]
-        [--tasks mlp-digits ...] [--estimators radius minima] [--json FILE]
+        [--tasks mlp-digits ...] [--estimators radius minima] [--options JSON] [--json FILE]
 
-The recomputed sizes under the run's own rule are checked against the run's (the largest
-difference is printed): a mismatch means the units were not reproduced.
+``--options '{"minima": {"lr": 0.001}}'`` measures the estimators with these options on top of the
+run's own. Without it, the recomputed sizes under the run's own rule are checked against the
+run's (the largest difference is printed): a mismatch means the units were not reproduced.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ def tau_of(rule: str, base_loss: float, chance_loss: float) -> float:
     raise ValueError(f"rule must be xM, fF or +D, got {rule!r}")
 
 
-def task_sensitivity(run: Path, bench: builtin.Benchmark, rules, estimators, n_boot: int) -> dict:
+def task_sensitivity(run: Path, bench: builtin.Benchmark, rules, estimators, n_boot: int,
+                     options: dict | None = None) -> dict:
     result = json.loads((run / "results.json").read_text())
     settings = C.Settings.from_dict(result["settings"])
     names = [c["name"] for c in result["candidates"]]
@@ -65,11 +68,11 @@ def task_sensitivity(run: Path, bench: builtin.Benchmark, rules, estimators, n_b
         for r in rules:
             tau = tau_of(r, b["probe_loss"], b["chance_loss"])
             for e in estimators:
-                opts = settings.estimator_options.get(e, {})
+                opts = {**settings.estimator_options.get(e, {}), **(options or {}).get(e, {})}
                 size = M.ESTIMATORS[e](grown, probe, tau=tau, seed=seed, quiet=True, loss=settings.loss, **opts).size
                 sizes[(e, r)][(seed, cand.name)] = size
                 stored = units[(seed, cand.name)]["sizes"].get(e)
-                if abs(tau - b["threshold"]) < 1e-12 and stored is not None:
+                if abs(tau - b["threshold"]) < 1e-12 and stored is not None and not options:
                     same = size == stored or (math.isinf(size) and math.isinf(stored))
                     mismatch = max(mismatch, 0.0 if same else abs(size - stored))
     keys = [(b["seed"], c.name) for b in result["bases"] for c in cands]
@@ -113,6 +116,8 @@ def main(argv=None) -> int:
     p.add_argument("--rules", nargs="+", default=["x1.25", "x1.5", "x2", "x3", "f0.1", "f0.25", "+0.1", "+0.5"])
     p.add_argument("--tasks", nargs="+", default=None, help="default: every task of the run")
     p.add_argument("--estimators", nargs="+", default=["radius", "minima"])
+    p.add_argument("--options", type=json.loads, default=None,
+                   help='estimator options on top of the run\'s, as JSON: {"minima": {"lr": 0.001}}')
     p.add_argument("--n-boot", type=int, default=200)
     p.add_argument("--json", default="results/bench_threshold_sensitivity.json")
     args = p.parse_args(argv)
@@ -123,9 +128,11 @@ def main(argv=None) -> int:
     order = [n for n in benches if n in wanted]
     start, tasks = time.perf_counter(), []
     for name in order:
-        tasks.append(task_sensitivity(args.suite_dir / name, benches[name], args.rules, args.estimators, args.n_boot))
+        tasks.append(task_sensitivity(args.suite_dir / name, benches[name], args.rules, args.estimators, args.n_boot,
+                                      args.options))
         print(f"{name}: largest difference from the run's own sizes {tasks[-1]['max_size_mismatch']:.3g}", flush=True)
-    save({"suite_dir": str(args.suite_dir), "tasks": tasks, "seconds": time.perf_counter() - start}, args.json)
+    save({"suite_dir": str(args.suite_dir), "options": args.options, "tasks": tasks,
+          "seconds": time.perf_counter() - start}, args.json)
     print(table(tasks, args.rules, args.estimators))
     return 0
 

@@ -46,8 +46,12 @@ from .outputs import mean_loss as _output_loss
 from .stats import gain_signal, rank_correlation, within_seed_correlation
 
 ESTIMATOR_NAMES = tuple(M.ESTIMATORS)
-# simplex is opt-in: it took most of a unit's time and predicted least across the suite (docs/suite.md).
+# The estimators a run measures, and their options, unless told otherwise: chosen on the suite
+# (docs/suite.md). simplex is opt-in: it cost more than the rest of a unit on the CNN and GPT-2.
 DEFAULT_ESTIMATORS = ("radius", "minima")
+# minima's runs train at the training learning rate for 3 epochs, long enough to move the end
+# points apart but not out of S for a preserving expansion (docs/suite.md).
+DEFAULT_ESTIMATOR_OPTIONS = {"minima": {"lr": 1e-3, "epochs": 3}}
 PRESERVING = 1e-4  # an expansion whose measured preservation error is below this preserves the function
 CHANCE_MARGIN = 0.05  # a base less than this (5 points of accuracy) above chance is at chance level
 CHANCE_CAP = 0.5  # the threshold lies at most this fraction of the way from the base's loss to ln K
@@ -76,10 +80,14 @@ class Settings:
             over the base's K classes, or its vocabulary for ``loss="lm"``), so it never reaches
             chance: see :func:`loss_threshold` (each base in the results records its threshold
             and whether the cap applied).
-        estimators: which manifold-size estimators to run.
-        estimator_options: per estimator, keyword arguments (e.g. ``{"radius": {"directions": 8}}``).
+        estimators: which manifold-size estimators to run (default radius and minima; simplex
+            is opt-in, see docs/suite.md).
+        estimator_options: per estimator, keyword arguments (e.g. ``{"radius": {"directions": 8}}``);
+            default :data:`DEFAULT_ESTIMATOR_OPTIONS`. Given here, they replace the defaults;
+            :func:`settings_for` (and so ``--config``) merges them into the defaults per estimator.
         baselines: which baseline metrics to compute (names of :data:`manifold_ext.baselines.BASELINES`).
-        default_estimator: the estimator whose size the ranking table shows.
+        default_estimator: the estimator whose size the ranking table shows (default minima when
+            it runs, else the first estimator).
         n_boot: bootstrap resamples for the correlation intervals.
         loss: ``"cross_entropy"`` (default): classification, targets of shape (N,) class indices;
             or ``"lm"``: next-token prediction on token sequences, inputs and targets of shape
@@ -98,9 +106,9 @@ class Settings:
     probe_examples: int = 512
     threshold: float = 2.0
     estimators: Tuple[str, ...] = DEFAULT_ESTIMATORS
-    estimator_options: Dict[str, dict] = field(default_factory=dict)
+    estimator_options: Dict[str, dict] = field(default_factory=lambda: copy.deepcopy(DEFAULT_ESTIMATOR_OPTIONS))
     baselines: Tuple[str, ...] = tuple(B.BASELINES)
-    default_estimator: str = "radius"
+    default_estimator: Optional[str] = None
     n_boot: int = 2000
     loss: str = "cross_entropy"
 
@@ -110,6 +118,8 @@ class Settings:
                              f"prediction on token sequences), got {self.loss!r}")
         self.estimators = tuple(self.estimators)
         self.baselines = tuple(self.baselines)
+        if self.default_estimator is None and self.estimators:
+            self.default_estimator = "minima" if "minima" in self.estimators else self.estimators[0]
         for name in ("seeds", "base_epochs", "adapt_epochs", "finetune_epochs", "batch_size",
                      "probe_examples", "n_boot"):
             v = getattr(self, name)
@@ -185,12 +195,21 @@ def settings_for(bench: Benchmark, *, quick: bool = False, **overrides) -> Setti
     """The settings of a run on ``bench``, as ``manifold-ext compare`` builds them: the defaults
     of :class:`Settings`, then the benchmark's own (``bench.settings``, e.g. ``loss="lm"`` for the
     GPT-2 benchmark), then with ``quick`` :data:`QUICK` and ``bench.quick``, then ``overrides``.
+    ``estimator_options`` are merged per estimator, starting from :data:`DEFAULT_ESTIMATOR_OPTIONS`
+    (a layer setting ``{"radius": {"directions": 8}}`` keeps every other option).
     With ``quick``, run it on ``bench.quick_version()`` (the candidates a quick run keeps)."""
-    d = dict(bench.settings)
-    if quick:
-        d.update(QUICK)
-        d.update(bench.quick)
-    d.update(overrides)
+    d, options = {}, copy.deepcopy(DEFAULT_ESTIMATOR_OPTIONS)
+    for layer in (bench.settings, QUICK if quick else {}, bench.quick if quick else {}, overrides):
+        for key, value in layer.items():
+            if key == "estimator_options" and isinstance(value, dict):
+                for name, opts in value.items():  # merged per estimator: a layer adds or changes options
+                    merge = isinstance(opts, dict) and isinstance(options.get(name), dict)
+                    options[name] = {**options[name], **opts} if merge else copy.deepcopy(opts)
+            else:
+                d[key] = value
+    if not isinstance(d.get("estimator_options", {}), dict):
+        return Settings.from_dict(d)  # refused there, naming the value
+    d["estimator_options"] = options
     return Settings.from_dict(d)
 
 

@@ -30,7 +30,8 @@ class SuiteResult:
             (Friedman p at most :data:`manifold_ext.compare.SIGNAL_P`).
         rows: one per metric (the metrics every task measured): ``spearman`` and
             ``equal_size_order`` per task, and their ``average`` and ``equal_size_average`` over
-            the tasks with signal (None where no such task has a value).
+            the tasks with signal (None where no such task has a value); strongest ``|average|``
+            first (a metric that falls as the gains rise predicts as well as one that rises).
         seconds: per task, the run's wall-clock time.
         default_estimator: the estimator the runs ranked by (``size_<name>`` in ``rows``).
     """
@@ -87,7 +88,8 @@ def summarise_suite(results: Dict[str, C.CompareResult]) -> SuiteResult:
         order = {t: by_task[t][m]["equal_size_order"] for t in tasks}
         rows.append({"metric": m, "spearman": rho, "average": _mean([rho[t] for t in with_signal]),
                      "equal_size_order": order, "equal_size_average": _mean([order[t] for t in with_signal])})
-    rows.sort(key=lambda r: -(r["average"] if r["average"] is not None else -math.inf))
+    # By strength, whatever the sign: a metric that falls as the gains rise (the loss) predicts too.
+    rows.sort(key=lambda r: -(abs(r["average"]) if r["average"] is not None else -math.inf))
     defaults = {r.settings.get("default_estimator") for r in results.values()}
     return SuiteResult(tasks=tasks, signal=signal, rows=rows, seconds={t: r.seconds for t, r in results.items()},
                        default_estimator=defaults.pop() if len(defaults) == 1 else None)

@@ -141,7 +141,8 @@ def test_resume_recomputes_nothing_and_refuses_other_settings(tiny_run, monkeypa
     ({"adapt_epochs": 6}, r"adapt_epochs \(6\) must not exceed finetune_epochs \(5\)"),
     ({"estimators": ("radius", "volume")}, r"unknown estimator\(s\) \['volume'\]"),
     ({"baselines": ("snip", "magic")}, r"unknown baseline\(s\) \['magic'\]"),
-    ({"estimators": ("simplex",)}, r"default_estimator must be one of the estimators run \['simplex'\], got 'radius'"),
+    ({"estimators": ("simplex",), "default_estimator": "radius"},
+     r"default_estimator must be one of the estimators run \['simplex'\], got 'radius'"),
     ({"estimator_options": {"volume": {}}}, r"estimator_options for unknown estimator\(s\) \['volume'\]"),
     ({"estimator_options": 5}, r"^settings: estimator_options must be a table of tables, one per estimator \(e.g. "
                                r"\{'radius': \{'directions': 8\}\}\), got 5$"),
@@ -236,7 +237,7 @@ def test_cli_writes_json_csv_and_plots(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["compare", "--config", str(cfg), "--out", str(out), "--plot"]) == 0
     printed = capsys.readouterr().out
-    assert "Ranking by manifold size (radius" in printed and "size_minima" in printed
+    assert "Ranking by manifold size (minima" in printed and "size_radius" in printed
     for name in ("results.json", "results.csv", "metrics_vs_gain.png", "paths.png"):
         assert (out / name).stat().st_size > 0, name
     assert not (out / "simplex_slice.png").exists()  # drawn only when the run measures simplex (not by default)

@@ -77,6 +77,17 @@ def test_settings_for_layers_benchmark_quick_and_overrides():
     assert q.estimator_options["radius"]["directions"] == 8
     assert C.settings_for(b, quick=True, seeds=4).seeds == 4
     assert C.settings_for(builtin.benchmark("mlp")) == C.Settings()
+    # estimator_options merge per estimator: the defaults, the benchmark's, --quick's, then overrides.
+    assert s.estimator_options["minima"] == {**C.DEFAULT_ESTIMATOR_OPTIONS["minima"], "m": 4, "samples": 64}
+    o = C.settings_for(b, estimator_options={"minima": {"lr": 0.01}, "simplex": {"k": 1}})
+    assert o.estimator_options["minima"] == {"lr": 0.01, "epochs": 3, "m": 4, "samples": 64}
+    assert o.estimator_options["simplex"] == {"k": 1} and o.estimator_options["radius"]["directions"] == 16
+
+
+def test_the_default_estimator_is_minima_when_it_runs():
+    assert C.Settings().default_estimator == "minima" and C.Settings().estimators == ("radius", "minima")
+    assert C.Settings(estimators=["radius", "simplex"]).default_estimator == "radius"
+    assert C.Settings(estimators=["radius", "minima"], default_estimator="radius").default_estimator == "radius"
 
 
 def test_cli_errors(tmp_path, capsys):

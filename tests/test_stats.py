@@ -125,3 +125,23 @@ def test_within_seed_correlation_skips_candidates_missing_anywhere_and_ranks_inf
     assert math.isnan(within_seed_correlation([1.0], [1.0], [0], ["a"], n_boot=5).spearman)
     with pytest.raises(ValueError, match="values, gains, seeds and candidates must be 1-D of one length, got 2, 2, 1 and 2"):
         within_seed_correlation([1.0, 2.0], [1.0, 2.0], [0], ["a", "b"])
+
+
+def test_within_seed_correlation_by_hand():
+    # Seed 0: ranks (1, 2, 3) against (1, 3, 2): 1 - 6 * 2 / (3 * 8) = 0.5. Seed 1: the same order, 1.
+    seeds, cands = [0, 0, 0, 1, 1, 1], ["a", "b", "c"] * 2
+    values, gains = [1, 2, 3, 3, 1, 2], [1, 3, 2, 30, 10, 20]
+    assert within_seed_correlation(values, gains, seeds, cands, n_boot=20).spearman == pytest.approx(0.75)
+
+
+def test_gain_signal_by_hand():
+    from manifold_ext.stats import gain_signal
+
+    # Three seeds rank three candidates alike: rank sums 3, 6, 9, so Friedman's statistic is
+    # 12 / (3 * 3 * 4) * (9 + 36 + 81) - 3 * 3 * 4 = 6, chi-square with 2 degrees: p = exp(-3).
+    s = gain_signal([[1, 2, 3], [4, 5, 6], [0, 1, 2]])
+    assert s["friedman_p"] == pytest.approx(math.exp(-3)) and s["friedman_min_p"] == pytest.approx(math.exp(-3))
+    assert s["candidate_spread"] == pytest.approx(2.0)
+    assert s["seed_spread"] == pytest.approx(math.sqrt(13 / 3))  # every column: 1, 4, 0 shifted
+    # No candidate differs from another within any seed: no signal at all.
+    assert gain_signal([[1, 1, 1], [5, 5, 5]])["friedman_p"] == 1.0

@@ -38,10 +38,12 @@ def add_parser(sub, common) -> None:
         help="rank candidate expansions of a base model; correlate every metric with the gains",
         description=textwrap.fill(
             "Pre-train a small base model, grow it into candidate expansions, adapt each "
-            "briefly, measure its manifold size (three estimators) and 12 baseline metrics, fine-tune "
-            "it for a fixed budget, and correlate every metric with the gains over several seeds. "
+            "briefly, measure its manifold size (radius and minima by default; minima ranks) and 12 "
+            "baseline metrics, fine-tune it for a fixed budget, and correlate every metric with the "
+            "gains over several seeds. "
             "With no arguments: the MLP on the built-in digits data, 20 candidates, 3 seeds; "
-            "--model gpt2: a small GPT-2 language model on Python source, 12 candidates. "
+            "--model gpt2: a small GPT-2 language model on Python source, 12 candidates; --suite: every "
+            "built-in benchmark and one cross-task table. "
             "With --base: your own trained network is the base (not retrained), grown by the "
             "candidates of --config; with --base and a token file as --data, a language model "
             "(next-token prediction, loss lm).", 88),
@@ -114,8 +116,8 @@ def add_parser(sub, common) -> None:
                    "level, and [[candidates]] tables with name and specs, e.g. "
                    "specs = [{type = 'widen', target = '*', factor = 2, init = 'zero'}]")
     p.add_argument("--quick", action="store_true",
-                   help="2 seeds, a shorter budget and cheaper estimators (on 2 CPU cores: the MLP about a minute, "
-                   "gpt2 (8 of its candidates) about 4 minutes)")
+                   help="2 seeds, a shorter budget and cheaper estimators (on 2 CPU cores: the MLP about 10 s, "
+                   "gpt2 (8 of its candidates) about 4 minutes, --suite about 5 minutes)")
     p.add_argument("--seeds", type=int_at_least(1), default=None, help="override the number of seeds")
     p.add_argument("--out", type=Path, default=None,
                    help="output directory (default: a fresh results/compare-MODEL-TIME)")
