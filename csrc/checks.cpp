@@ -86,6 +86,14 @@ void check_target(const char* op, const at::Tensor& target, int64_t B, int64_t N
   }
 }
 
+void check_logits(const char* op, const at::Tensor& logits) {
+  MX_CHECK(logits.dim() == 2 || logits.dim() == 3, op,
+           "expected logits to have shape (B, N, classes) or (N, classes), but got shape ",
+           shape_str(logits));
+  MX_CHECK(at::isFloatingType(logits.scalar_type()), op,
+           "expected logits to have a floating-point dtype, but got ", logits.scalar_type());
+}
+
 void check_grad_input(const char* op, const char* name, const at::Tensor& t, int64_t numel,
                       const char* shape, const at::Device& device) {
   MX_CHECK(t.device() == device, op, "expected ", name, " on device ", device,

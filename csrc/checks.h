@@ -25,6 +25,9 @@ void check_interp_args(const char* op, const at::Tensor& x, const at::Tensor& we
 void check_target(const char* op, const at::Tensor& target, int64_t B, int64_t N, int64_t C,
                   bool single, const at::Device& device);
 
+// Materialised logits: (B, N, classes) or (N, classes), floating point.
+void check_logits(const char* op, const at::Tensor& logits);
+
 // A backward op's gradient or saved input: on `device`, floating point, `numel` elements
 // (`shape` names the expected shape in the message; a negative `numel`: the caller checks the shape).
 void check_grad_input(const char* op, const char* name, const at::Tensor& t, int64_t numel,

@@ -275,11 +275,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> interp_linear_cross_entropy_backward(
 std::tuple<Tensor, Tensor, Tensor> batched_cross_entropy(const Tensor& logits,
                                                          const Tensor& target) {
   const char* op = "batched_cross_entropy";
-  MX_CHECK(logits.dim() == 2 || logits.dim() == 3, op,
-           "expected logits to have shape (B, N, classes) or (N, classes), but got shape ",
-           shape_str(logits));
-  MX_CHECK(at::isFloatingType(logits.scalar_type()), op,
-           "expected logits to have a floating-point dtype, but got ", logits.scalar_type());
+  check_logits(op, logits);
   const bool single = logits.dim() == 2;
   const Tensor l = (single ? logits.unsqueeze(0) : logits).contiguous();
   const int64_t B = l.size(0), N = l.size(1), C = l.size(2);
@@ -298,11 +294,7 @@ std::tuple<Tensor, Tensor, Tensor> batched_cross_entropy(const Tensor& logits,
 Tensor batched_cross_entropy_backward(const Tensor& grad_loss, const Tensor& logits,
                                       const Tensor& target, const Tensor& lse) {
   const char* op = "batched_cross_entropy_backward";
-  MX_CHECK(logits.dim() == 2 || logits.dim() == 3, op,
-           "expected logits to have shape (B, N, classes) or (N, classes), but got shape ",
-           shape_str(logits));
-  MX_CHECK(at::isFloatingType(logits.scalar_type()), op,
-           "expected logits to have a floating-point dtype, but got ", logits.scalar_type());
+  check_logits(op, logits);
   const bool single = logits.dim() == 2;
   const Tensor l = single ? logits.unsqueeze(0) : logits;
   const int64_t B = l.size(0), N = l.size(1);
