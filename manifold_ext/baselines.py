@@ -23,7 +23,6 @@ fixed. :func:`compute_baselines` runs any subset of them by name (:data:`BASELIN
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import math
@@ -41,9 +40,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from . import params as P
+from ._data import check_data, chunks
+from ._results import Result
 from .engine import evaluate
 from .outputs import logits as logits_of
-from .probes import _Result
+from .training import evaluating
 
 Data = Tuple[Tensor, Tensor]
 
@@ -77,24 +78,8 @@ def _check_model(model) -> nn.Module:
 
 
 def _check_data(data) -> Data:
-    try:
-        if isinstance(data, Tensor):
-            raise TypeError
-        x, y = data
-    except (TypeError, ValueError):
-        raise ValueError(f"data must be a pair (inputs, targets) of tensors, got "
-                         f"{type(data).__name__}") from None
-    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
-        raise ValueError(f"data must be a pair (inputs, targets) of tensors, got "
-                         f"({type(x).__name__}, {type(y).__name__})")
-    if x.dim() == 0 or len(x) == 0:
-        raise ValueError(f"data must hold at least one example, got inputs of shape {tuple(x.shape)}")
-    if y.dim() == 0 or len(x) != len(y):
-        raise ValueError(f"data's inputs and targets must hold the same number of examples, got "
-                         f"{len(x)} inputs and targets of shape {tuple(y.shape)}")
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise ValueError(f"data's targets must be integer class indices (int64), got dtype {y.dtype}")
-    return x, y.long()
+    inp = check_data(data)
+    return inp.x, inp.y
 
 
 def _check_batch_size(batch_size) -> Optional[int]:
@@ -133,23 +118,6 @@ def _check_input_shape(input_shape) -> Tuple[int, ...]:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _chunks(n: int, size: Optional[int]) -> List[Tuple[int, int]]:
-    size = n if not size else size
-    return [(i, min(n, i + size)) for i in range(0, n, size)]
-
-
-@contextlib.contextmanager
-def _evaluating(model: nn.Module):
-    """Eval mode for the duration, then every module's own train/eval flag back."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
 def _split(model: nn.Module) -> Tuple[List[str], List[Tensor], Dict[str, Tensor]]:
     """Names and detached values of the trainable parameters, and everything else (frozen
     parameters and buffers) as a fixed state."""
@@ -185,7 +153,7 @@ def _loss_sum(model: nn.Module, names: Sequence[str], values: Sequence[Tensor], 
 def _mean_loss(model, names, values, fixed, x, y, batch_size) -> float:
     total = 0.0
     with torch.no_grad():
-        for e0, e1 in _chunks(len(x), batch_size):
+        for e0, e1 in chunks(len(x), batch_size):
             total += _loss_sum(model, names, values, fixed, x[e0:e1], y[e0:e1]).item()
     return total / y.numel()
 
@@ -195,7 +163,7 @@ def _gradient(model, names, values, fixed, x, y, batch_size) -> Tuple[float, Lis
     leaves = [t.detach().requires_grad_() for t in values]
     total = 0.0
     acc = [torch.zeros_like(v, dtype=torch.float64) for v in values]
-    for e0, e1 in _chunks(len(x), batch_size):
+    for e0, e1 in chunks(len(x), batch_size):
         s = _loss_sum(model, names, leaves, fixed, x[e0:e1], y[e0:e1])
         gs = torch.autograd.grad(s, leaves, allow_unused=True, materialize_grads=True)
         for a, g in zip(acc, gs):
@@ -257,8 +225,8 @@ def loss_and_accuracy(model: nn.Module, data: Data, *, batch_size: Optional[int]
     x, y = _check_data(data)
     batch_size = _check_batch_size(batch_size)
     loss, correct = 0.0, 0
-    with _evaluating(model), torch.no_grad():
-        for e0, e1 in _chunks(len(x), batch_size):
+    with evaluating(model), torch.no_grad():
+        for e0, e1 in chunks(len(x), batch_size):
             logits = model(x[e0:e1])
             t = y[e0:e1]
             loss += _ce_sum(logits, t).item()
@@ -272,7 +240,7 @@ def _full_gradient(model: nn.Module, data: Data, batch_size: Optional[int]):
     _check_model(model)
     x, y = _check_data(data)
     batch_size = _check_batch_size(batch_size)
-    with _evaluating(model):
+    with evaluating(model):
         names, values, fixed = _split(model)
         _, g = _gradient(model, names, values, fixed, x, y, batch_size)
     return values, g
@@ -348,7 +316,7 @@ def fisher(model: nn.Module, data: Data, *, batch_size: Optional[int] = None) ->
     _check_model(model)
     x, y = _check_data(data)
     batch_size = _check_batch_size(batch_size)
-    with _evaluating(model):
+    with evaluating(model):
         names, values, fixed = _split(model)
         per_example = max(1, _PER_EXAMPLE_BYTES // max(1, sum(v.numel() * v.element_size() for v in values)))
         size = min(batch_size or len(x), per_example)
@@ -358,7 +326,7 @@ def fisher(model: nn.Module, data: Data, *, batch_size: Optional[int] = None) ->
 
         per_grad = vmap(grad(loss_i), in_dims=(None, 0, 0))
         total = 0.0
-        for e0, e1 in _chunks(len(x), size):
+        for e0, e1 in chunks(len(x), size):
             gs = per_grad(list(values), x[e0:e1], y[e0:e1])
             total += sum(g.double().pow(2).sum().item() for g in gs)
     return total / len(x)
@@ -395,9 +363,9 @@ def jacob_cov(model: nn.Module, data: Data, *, n: int = 128, seed: int = 0,
     idx = torch.randperm(len(x), generator=g)[: min(n, len(x))].to(x.device)
     xs = x[idx]
     rows = []
-    with _evaluating(model):
+    with evaluating(model):
         state = P.state_of(model)
-        for e0, e1 in _chunks(len(xs), batch_size):
+        for e0, e1 in chunks(len(xs), batch_size):
             xc = xs[e0:e1].detach().clone().requires_grad_()
             out = functional_call(model, state, (xc,))
             (J,) = torch.autograd.grad(out.sum(), xc, allow_unused=True, materialize_grads=True)
@@ -425,7 +393,7 @@ class _Curvature:
         self.names, values, self.fixed = _split(model)
         self.leaves = [v.detach().requires_grad_() for v in values]
         self.size = sum(v.numel() for v in values)
-        self.chunks = _chunks(len(x), batch_size)
+        self.chunks = chunks(len(x), batch_size)
         self.total = y.numel()
         self._cached = None
 
@@ -483,7 +451,7 @@ def hessian_trace(model: nn.Module, data: Data, *, probes: int = 64, seed: int =
     x, y = _check_data(data)
     _check_count(probes, "probes")
     batch_size = _check_batch_size(batch_size)
-    with _evaluating(model):
+    with evaluating(model):
         curv = _Curvature(model, x, y, batch_size)
         device = curv.leaves[0].device
         block = max(1, min(probes, _PROBE_BLOCK_ELEMS // curv.size))
@@ -522,7 +490,7 @@ def hessian_top_eigenvalue(model: nn.Module, data: Data, *, iters: int = 50, tol
     _check_count(iters, "iters")
     _check_positive(tol, "tol")
     batch_size = _check_batch_size(batch_size)
-    with _evaluating(model):
+    with evaluating(model):
         curv = _Curvature(model, x, y, batch_size)
         device = curv.leaves[0].device
         gen = torch.Generator().manual_seed(seed)
@@ -570,7 +538,7 @@ def sam_sharpness(model: nn.Module, data: Data, *, rho: float = 0.05,
     x, y = _check_data(data)
     rho = _check_positive(rho, "rho")
     batch_size = _check_batch_size(batch_size)
-    with _evaluating(model):
+    with evaluating(model):
         names, values, fixed = _split(model)
         loss, g = _gradient(model, names, values, fixed, x, y, batch_size)
         norm = math.sqrt(sum(t.pow(2).sum().item() for t in g))
@@ -617,7 +585,7 @@ def perturbation_flatness(model: nn.Module, data: Data, *, sigma: float = 0.05, 
         vertices.append({k: (t + sigma * d[k]) if t.is_floating_point() else t for k, t in center.items()})
     dtype = next(t for t in center.values() if t.is_floating_point()).dtype
     coeffs = torch.eye(n + 1, dtype=dtype, device=next(iter(center.values())).device)
-    with _evaluating(model):
+    with evaluating(model):
         ev = evaluate(model, vertices, coeffs, (x, y), bn="interpolate", engine=engine,
                       batch_size=batch_size, quiet=True)
     loss = ev.loss.double()
@@ -658,7 +626,7 @@ _NEEDS_REAL_INPUTS = ("synflow", "jacob_cov")
 
 
 @dataclass
-class BaselineReport(_Result):
+class BaselineReport(Result):
     """Values of the baselines computed (name -> float, in :data:`BASELINES` order), the seconds
     each took, and the standard errors of the Monte Carlo ones (``hessian_trace``,
     ``perturbation_flatness``). ``loss`` and ``accuracy`` come from one evaluation; both report
@@ -699,7 +667,7 @@ def _as_classifier(model: nn.Module, data: Data, loss: str) -> Tuple[nn.Module, 
             raise ValueError("the baselines take no ignored labels (negative, e.g. -100): pass "
                              "sequences without padding")
         return _Classifier(model, True), (x, y[:, 1:])
-    with _evaluating(model), torch.no_grad():
+    with evaluating(model), torch.no_grad():
         out = model(x[:1])
     return (model if isinstance(out, Tensor) else _Classifier(model, False)), (x, y)
 

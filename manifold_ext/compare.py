@@ -43,6 +43,7 @@ from .builtin import Benchmark, Candidate, Task
 from .expand import Widen, expand, preservation_error
 from .outputs import logits
 from .outputs import mean_loss as _output_loss
+from .training import evaluating, train
 from .stats import gain_signal, rank_correlation, within_seed_correlation
 
 ESTIMATOR_NAMES = tuple(M.ESTIMATORS)
@@ -226,25 +227,6 @@ def _aligned(out: torch.Tensor, y: torch.Tensor, loss: str) -> Tuple[torch.Tenso
     if loss == "lm":
         return out[:, :-1], y[:, 1:]
     return out, y
-
-
-def train(model: nn.Module, x, y, *, epochs: int, lr: float, batch_size: int, seed: int,
-          optimizer: Optional[torch.optim.Optimizer] = None, loss: str = "cross_entropy") -> torch.optim.Optimizer:
-    """Adam on (x, y) for ``epochs`` epochs in a seeded order (in place); returns the optimiser so
-    that training can continue where it stopped. ``loss``: as :attr:`Settings.loss` (the loss of
-    :func:`manifold_ext.outputs.mean_loss`)."""
-    model.train()
-    opt = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), batch_size):
-            idx = perm[i:i + batch_size]
-            opt.zero_grad()
-            _loss(model, x[idx], y[idx], loss).backward()
-            opt.step()
-    model.eval()
-    return opt
 
 
 @torch.no_grad()
@@ -479,17 +461,13 @@ def check_data(base: nn.Module, task: Task, rows: int = 8, *, loss: str = "cross
                              f"embedding has {emb.num_embeddings} entries (expected ids in "
                              f"[0, {emb.num_embeddings}))")
     x = task.x_train[:rows].to(_device_of(base))
-    modes = [(m, m.training) for m in base.modules()]
     try:
-        base.eval()
-        out = logits(base(x))
+        with evaluating(base):
+            out = logits(base(x))
     except Exception as err:  # noqa: BLE001 - whatever the model raises on inputs it cannot take
         why = (str(err).strip().splitlines() or [""])[0][:200]
         raise ValueError(f"the data do not fit the base: a forward pass on inputs of shape "
                          f"{tuple(x.shape)} ({x.dtype}) raised {type(err).__name__}: {why}") from None
-    finally:
-        for m, t in modes:
-            m.train(t)
     if lm and (out.dim() != 3 or out.shape[:2] != x.shape):
         raise ValueError(f"a language model (loss 'lm') must output logits of shape (N, T, vocab); on inputs "
                          f"of shape {tuple(x.shape)} it output {tuple(out.shape)}")

@@ -34,7 +34,9 @@ from tqdm.auto import tqdm
 from . import distributed as D
 from . import params as P
 from .ops import batched_cross_entropy, interp_linear, interp_linear_cross_entropy
+from ._data import Inputs, check_data, chunks
 from .outputs import logits as logits_of
+from .training import evaluating
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -220,13 +222,11 @@ def _check_head(model: nn.Module, head: str, x: Tensor, kwargs) -> None:
     loss assumes (checked on one example, in eval mode, with the model's own weights)."""
     seen = []
     hook = model.get_submodule(head).register_forward_hook(lambda m, i, o: seen.append(o))
-    was_training = model.training
     try:
-        model.eval()
-        out = logits_of(model(x[:1].clone(), **_rows_of(kwargs, 0, 1)))
+        with evaluating(model):
+            out = logits_of(model(x[:1].clone(), **_rows_of(kwargs, 0, 1)))
     finally:
         hook.remove()
-        model.train(was_training)
     if len(seen) != 1 or seen[0].shape != out.shape or not torch.allclose(seen[0], out, rtol=1e-5, atol=1e-6):
         raise ValueError(f"the model's logits are not the output of its head {head!r} (called "
                          f"{len(seen)} times, or changed after it): pass head= naming the layer "
@@ -359,14 +359,11 @@ class _Fused:
         """The error of the model itself, without vmap, on a copy of one example in eval mode:
         what it raises, or a ValueError when its logits do not have the shape the loss needs;
         None when it runs and fits (then only vmap failed)."""
-        was_training = self.model.training
         try:
-            self.model.eval()
-            out = logits_of(self.model(x[:1].clone(), **_rows_of(kwargs or {}, 0, 1)))
+            with evaluating(self.model):
+                out = logits_of(self.model(x[:1].clone(), **_rows_of(kwargs or {}, 0, 1)))
         except Exception as err:  # noqa: BLE001 - handed back as the cause
             return err
-        finally:
-            self.model.train(was_training)
         want = {"lm": "(1, T, vocab)", "cross_entropy": "(1, classes)"}.get(self.loss)
         if want is not None and (out.dim() != len(want.split(",")) or out.shape[0] != 1):
             return ValueError(f"the model's output does not fit loss={self.loss!r}: logits of shape "
@@ -468,11 +465,6 @@ def _run_chain(layers, fused: "_Fused", coeffs: Tensor, x: Tensor, y: Tensor, in
     return batched_cross_entropy(h, y.reshape(-1))
 
 
-def _chunks(n: int, size: Optional[int]):
-    size = n if not size else size
-    return [(i, min(n, i + size)) for i in range(0, n, size)]
-
-
 # Points per pass are also capped so that one pass's activations stay near the caches: B points
 # at once stream B times one point's activations through memory between layers. Measured on the
 # digits MLP 64-256-256-10 at N=1797 (2 cores, 32 MB L3): 64 points per pass 245 ms, 8 points
@@ -492,14 +484,12 @@ def _activation_bytes(fused: _Fused, x: Tensor, n_examples: int, kwargs=None) ->
             acts.append(o.numel() * o.element_size())
 
     hooks = [m.register_forward_hook(count) for m in fused.model.modules() if len(list(m.children())) == 0]
-    was_training = fused.model.training
     probe = x[: min(len(x), 8)].clone()  # the model may change its input in place
     try:
-        fused.model.eval()  # no running-statistics updates on the caller's model
-        with torch.no_grad():
+        # eval mode: no running-statistics updates on the caller's model
+        with evaluating(fused.model), torch.no_grad():
             fused.model(probe, **_rows_of(kwargs, 0, len(probe)))
     finally:
-        fused.model.train(was_training)
         for h in hooks:
             h.remove()
     return sum(acts) * n_examples // max(1, len(probe))
@@ -555,69 +545,20 @@ def _lm_rows(y: Tensor, ignore_index: int) -> Tensor:
     return (y[:, 1:].reshape(-1) != ignore_index).nonzero().flatten()
 
 
-@dataclass
-class _Inputs:
-    """The checked data of one call: inputs, targets, per-example keyword inputs, and the number
-    of targets a mean is taken over."""
-
-    x: Tensor
-    y: Tensor
-    kwargs: dict
-    n_targets: int
-
-
-def _check_data(data, loss: str = "cross_entropy", ignore_index: int = -100) -> _Inputs:
-    what = ("a pair (input_ids, labels) or a triple (input_ids, labels, attention_mask) of (N, T) "
-            "tensors" if loss == "lm" else "a pair (inputs, targets) of tensors")
-    if not isinstance(data, (tuple, list)) or len(data) not in ((2, 3) if loss == "lm" else (2,)) \
-            or not all(isinstance(t, Tensor) for t in data):
-        got = f"a {type(data).__name__}" + (f" of length {len(data)}" if isinstance(data, (tuple, list)) else "")
-        raise ValueError(f"expected data to be {what}, got {got}")
-    x, y = data[0], data[1]
-    if len(x) == 0:
-        raise ValueError(f"data is empty: expected at least one example, got inputs of shape {tuple(x.shape)}")
-    if len(x) != len(y):
-        raise ValueError(f"inputs and targets disagree on the number of examples: {len(x)} vs {len(y)}")
-    kwargs = {}
-    if loss != "lm":
-        n = len(y) if loss == "mse" else y.numel()
-        return _Inputs(x, y, kwargs, n)
-    if x.is_floating_point() or y.is_floating_point() or x.dim() != 2 or y.shape != x.shape:
-        raise ValueError(f"loss='lm' expects integer input_ids and labels of one shape (N, T), got "
-                         f"input_ids {tuple(x.shape)} {x.dtype} and labels {tuple(y.shape)} {y.dtype}")
-    if x.shape[1] < 2:
-        raise ValueError(f"loss='lm' needs sequences of at least 2 tokens, got T = {x.shape[1]}")
-    y = y.long()
-    if len(data) == 3:
-        mask = data[2]
-        if mask.shape != x.shape:
-            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(x.shape)}, got "
-                             f"{tuple(mask.shape)}")
-        kwargs["attention_mask"] = mask
-        y = torch.where(mask.bool(), y, torch.full_like(y, ignore_index))
-    n = int((y[:, 1:] != ignore_index).sum())
-    if n == 0:
-        raise ValueError(f"loss='lm': every next-token target is ignored (ignore_index = {ignore_index} "
-                         "or masked): nothing to evaluate")
-    return _Inputs(x, y, kwargs, n)
-
-
-def _evaluate_fused(fused: _Fused, coeffs, inp: _Inputs, *, bn, batch_size, max_memory,
+def _evaluate_fused(fused: _Fused, coeffs, inp: Inputs, *, bn, batch_size, max_memory,
                     points_per_chunk, quiet, times: Optional[List[float]] = None):
     model = fused.model
     x, y, kw = inp.x, inp.y, inp.kwargs
     B = coeffs.shape[0]
-    ex_chunks = _chunks(len(x), batch_size)
+    ex_chunks = chunks(len(x), batch_size)
     chain = _chain(model, x) if fused.loss != "lm" and not kw else None
     if points_per_chunk is None:
         points_per_chunk = _chunk_size(fused, chain, x, ex_chunks[0][1] - ex_chunks[0][0], max_memory, kw)
     loss_sum = torch.zeros(B, dtype=torch.float64, device=coeffs.device)
     correct = torch.zeros(B, dtype=torch.int64, device=coeffs.device)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         bar = _progress(B, quiet, "points")
-        for p0, p1 in _chunks(B, points_per_chunk):
+        for p0, p1 in chunks(B, points_per_chunk):
             t0 = time.perf_counter()
             c = coeffs[p0:p1]
             mat = fused.materialise(c)
@@ -635,8 +576,6 @@ def _evaluate_fused(fused: _Fused, coeffs, inp: _Inputs, *, bn, batch_size, max_
                 times.extend([(time.perf_counter() - t0) / (p1 - p0)] * (p1 - p0))
             bar.update(p1 - p0)
         bar.close()
-    finally:
-        model.train(was_training)
     return loss_sum, correct
 
 
@@ -691,7 +630,7 @@ def _update_bn(m: nn.Module, x: Tensor, chunks, kwargs) -> None:
     m.eval()
 
 
-def _evaluate_loop(model, stacked, coeffs, inp: _Inputs, *, lay: P.Layout, loss, bn, batch_size,
+def _evaluate_loop(model, stacked, coeffs, inp: Inputs, *, lay: P.Layout, loss, bn, batch_size,
                    quiet, ignore_index=-100, times: Optional[List[float]] = None):
     m = copy.deepcopy(model)
     keys = list(m.state_dict().keys())
@@ -700,7 +639,7 @@ def _evaluate_loop(model, stacked, coeffs, inp: _Inputs, *, lay: P.Layout, loss,
     B = coeffs.shape[0]
     loss_sum = torch.zeros(B, dtype=torch.float64, device=coeffs.device)
     correct = torch.zeros(B, dtype=torch.int64, device=coeffs.device)
-    chunks = _chunks(len(x), batch_size)
+    ex_chunks = chunks(len(x), batch_size)
     bar = _progress(B, quiet, "points")
     for b in range(B):
         t0 = time.perf_counter()
@@ -710,10 +649,10 @@ def _evaluate_loop(model, stacked, coeffs, inp: _Inputs, *, lay: P.Layout, loss,
         for name in lay.non_persistent:
             m.get_buffer(name).copy_(state[name])
         if bn == "recompute" and has_bn:
-            _update_bn(m, x, chunks, kw)
+            _update_bn(m, x, ex_chunks, kw)
         m.eval()
         with torch.no_grad():
-            for e0, e1 in chunks:
+            for e0, e1 in ex_chunks:
                 # Every call gets a copy: a model that changes its input in place must change
                 # neither the caller's data nor the next point's.
                 out = logits_of(m(x[e0:e1].clone(), **_rows_of(kw, e0, e1)))
@@ -809,7 +748,7 @@ def evaluate(
     _check_names(lay, stacked)
     first = next(iter(stacked.values()))
     coeffs = _check_coeffs(coeffs, first.shape[0]).to(first.device)
-    inp = _check_data(data, loss, ignore_index)
+    inp = check_data(data, loss, ignore_index)
     bad = _non_finite(stacked, coeffs)  # P.stack made new tensors: the caller's stay untouched
     fused = _Fused(model, stacked, loss, lay=lay, head=head, ignore_index=ignore_index)
     if loss == "lm" and fused.head is not None and engine != "loop":
@@ -825,7 +764,7 @@ def evaluate(
         engine = "fused"
     if engine == "fused" and points_per_chunk is None and D.sharding():
         # Fixed here, so that every rank's chunks are the ones a single process would use.
-        ex_rows = _chunks(len(inp.x), batch_size)[0]
+        ex_rows = chunks(len(inp.x), batch_size)[0]
         points_per_chunk = _chunk_size(fused, chain, inp.x, ex_rows[1] - ex_rows[0], max_memory, inp.kwargs)
     r0, r1 = D.shard(len(coeffs), points_per_chunk or 1) if D.sharding() else (0, len(coeffs))
     quiet = quiet or not D.is_main()
@@ -836,7 +775,7 @@ def evaluate(
         model, stacked, c, inp, lay=lay, loss=loss, bn=bn, batch_size=batch_size, quiet=q,
         ignore_index=ignore_index, times=times)
     mine = coeffs[r0:r1]
-    if engine == "auto" and chain is None and _conv_heavy(fused, inp.x, _chunks(len(inp.x), batch_size)[0][1],
+    if engine == "auto" and chain is None and _conv_heavy(fused, inp.x, chunks(len(inp.x), batch_size)[0][1],
                                                             inp.kwargs):
         engine = "loop"
     if engine == "auto":
@@ -937,13 +876,11 @@ def point_losses(
     stacked = P.conform(stacked, model, lay=lay, stacked=first.shape[0])
     _check_names(lay, stacked)
     coeffs = _check_coeffs(coeffs, first.shape[0]).to(first.device)
-    inp = _check_data(data, loss, ignore_index)
+    inp = check_data(data, loss, ignore_index)
     x, y = inp.x, inp.y
     fused = _Fused(model, stacked, loss, lay=lay, head=head, ignore_index=ignore_index)
     chain = _chain(model, x) if loss != "lm" and not inp.kwargs else None
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         if chain is not None:
             loss_sum, _ = _run_chain(chain, fused, coeffs, x, y, inplace=False)
             return loss_sum / inp.n_targets
@@ -951,6 +888,4 @@ def point_losses(
         if bn == "recompute":
             fused.recompute_bn(coeffs, mat, x, y, [(0, len(x))], inp.kwargs)
         loss_sum, _ = fused.run(coeffs, mat, x, y, "apply", inp.kwargs)
-    finally:
-        model.train(was_training)
     return loss_sum / inp.n_targets

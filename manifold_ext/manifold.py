@@ -37,14 +37,14 @@ from tqdm.auto import tqdm
 
 from . import params as P
 from .engine import evaluate, point_losses
-from .outputs import mean_loss
-from .probes import _Result, _figure
+from .training import train
+from ._results import Result, figure
 
 Data = Tuple[Tensor, Tensor]
 
 
 @dataclass
-class ManifoldEstimate(_Result):
+class ManifoldEstimate(Result):
     """One estimate of the size of the low-loss manifold around a model.
 
     Attributes:
@@ -80,7 +80,7 @@ class ManifoldEstimate(_Result):
     def plot(self):
         """The estimator's trace (a matplotlib Figure): radii per direction, or the training
         loss and the accepted scale of each connector."""
-        fig, (ax,) = _figure(1)
+        fig, (ax,) = figure(1)
         if self.estimator == "radius":
             logs = [math.log(t) for t in self.details.get("radii", []) if t > 0]
             ax.hist(logs, bins=max(5, len(logs) // 3))
@@ -570,8 +570,8 @@ def simplex(
     ev_kw = _evaluation_options(kw)
     loss, bn = ev_kw["loss"], ev_kw["bn"]
     space, anchor_loss, tau = _setup(model, data, units, tau, epsilon, relative, ev_kw)
-    train = data if train_data is None else train_data
-    if len(train[0]) == 0:
+    train_set = data if train_data is None else train_data
+    if len(train_set[0]) == 0:
         raise ValueError("train_data is empty: expected at least one example")
     trace: List[dict] = []
     n_eval = 1
@@ -581,7 +581,7 @@ def simplex(
     bar = _bar(repeats * k * steps, quiet, "simplex")
     sizes, dims, log_volumes, first = [], [], [], None
     for r in range(repeats):
-        vertices, spent = _grow(model, space, data, train, tau, k=k, steps=steps, points=points,
+        vertices, spent = _grow(model, space, data, train_set, tau, k=k, steps=steps, points=points,
                                 batch_size=batch_size, lr=lr, lam=lam, objective=objective,
                                 init=init, samples=samples,
                                 quantile=quantile, line_search=line_search, doublings=doublings,
@@ -609,25 +609,14 @@ def simplex(
 # ----------------------------------------------------------------------------- minima
 
 
-def _train_copy(model: nn.Module, train: Data, *, epochs: int, lr: float, batch_size: int, seed: int,
+def _train_copy(model: nn.Module, data: Data, *, epochs: int, lr: float, batch_size: int, seed: int,
                 loss: str, optimizer: str = "adam") -> P.State:
-    """A copy of ``model`` trained for ``epochs`` epochs in a seeded data order."""
+    """The state of a copy of ``model`` trained for ``epochs`` epochs in a seeded data order."""
     m = copy.deepcopy(model)
-    m.train()
-    # With SGD the runs differ by their data order alone; a fresh Adam's first steps move every
-    # coordinate by about lr whatever its gradient, a perturbation of their own (which is why its
-    # default lr is small: at 1e-3 the end points of a well-trained digits MLP left S).
-    opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(m.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(seed)
-    x, y = train
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), batch_size):
-            idx = perm[i:i + batch_size]
-            value = mean_loss(m(x[idx]), y[idx], loss)
-            opt.zero_grad()
-            value.backward()
-            opt.step()
+    # With SGD the runs differ by their data order alone. A fresh Adam's first steps move every
+    # coordinate by about lr whatever its gradient, a perturbation of its own, so its lr must stay
+    # small enough for the end points to remain in S.
+    train(m, *data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, optimizer=optimizer, loss=loss)
     return {n: t.detach().clone() for n, t in P.state_of(m).items()}
 
 
@@ -754,13 +743,13 @@ def minima(
     ev_kw = _evaluation_options(kw)
     loss = ev_kw["loss"]
     space, anchor_loss, tau = _setup(model, data, units, tau, epsilon, relative, ev_kw)
-    train = data if train_data is None else train_data
-    if len(train[0]) == 0:
+    train_set = data if train_data is None else train_data
+    if len(train_set[0]) == 0:
         raise ValueError("train_data is empty: expected at least one example")
     bar = _bar(m, quiet, "minima")
     ends, trace = [], []
     for i in range(m):
-        ends.append(_train_copy(model, train, epochs=epochs, lr=lr, batch_size=batch_size,
+        ends.append(_train_copy(model, train_set, epochs=epochs, lr=lr, batch_size=batch_size,
                                 seed=seed + i, loss=loss, optimizer=optimizer))
         trace.append({"kind": "run", "run": i})
         bar.update()
@@ -777,7 +766,7 @@ def minima(
         threshold=tau, anchor_loss=anchor_loss, units=space.units,
         n_evaluations=1 + choice.evaluations, seconds=time.perf_counter() - start, trace=trace,
         details={"subset": choice.indices, "vertex_losses": choice.vertex_losses, "distances": dists,
-                 "train_steps": m * epochs * math.ceil(len(train[0]) / batch_size)})
+                 "train_steps": m * epochs * math.ceil(len(train_set[0]) / batch_size)})
 
 
 ESTIMATORS: Dict[str, Callable[..., ManifoldEstimate]] = {"radius": radius, "simplex": simplex, "minima": minima}

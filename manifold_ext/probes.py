@@ -10,52 +10,19 @@ first of them when that is a module.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from . import params as P
+from ._results import Result, figure
 from .engine import evaluate
 
 Grid = Union[int, Sequence[float], Tuple[float, float, int]]
-
-
-class _Result:
-    """JSON round trip shared by the result dataclasses."""
-
-    def to_json(self, path: Optional[Union[str, Path]] = None) -> str:
-        """The result as JSON text; also written to ``path`` when given."""
-        text = json.dumps({"type": type(self).__name__, **dataclasses.asdict(self)}, indent=1)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
-
-    @classmethod
-    def from_json(cls, text_or_path: Union[str, Path]):
-        """Inverse of :meth:`to_json` (JSON text or a path to a file holding it)."""
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            text = Path(text).read_text()
-        data = json.loads(text)
-        kind = data.pop("type", cls.__name__)
-        if kind != cls.__name__:
-            raise ValueError(f"expected JSON of a {cls.__name__}, got a {kind}")
-        return cls(**data)
-
-
-def _figure(ncols: int = 1):
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("plot() needs matplotlib: pip install 'manifold_ext[plot]'") from err
-    fig = Figure(figsize=(5 * ncols, 3.6), layout="constrained")
-    return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
 
 
 def _model_of(model: Optional[nn.Module], first) -> nn.Module:
@@ -91,7 +58,7 @@ def _eval(model, vertices, coeffs: Tensor, data, kw):
 
 
 @dataclass
-class PathResult(_Result):
+class PathResult(Result):
     """Loss and accuracy at positions t along ``(1 - t) * a + t * b``."""
 
     t: List[float]
@@ -101,7 +68,7 @@ class PathResult(_Result):
 
     def plot(self):
         """Loss and accuracy against t (a matplotlib Figure)."""
-        fig, (ax1, ax2) = _figure(2)
+        fig, (ax1, ax2) = figure(2)
         ax1.plot(self.t, self.loss, ".-")
         ax1.set(xlabel="t", ylabel="loss")
         ax2.plot(self.t, self.accuracy, ".-")
@@ -126,7 +93,7 @@ def linear_path(a, b, data, *, steps: Grid = 33, model: Optional[nn.Module] = No
 
 
 @dataclass
-class BarrierResult(_Result):
+class BarrierResult(Result):
     """The loss barrier between two models (Frankle et al. 2020; Entezari et al. 2022): the largest
     excess of the path's loss over the straight line between the endpoint losses."""
 
@@ -188,7 +155,7 @@ def barrier(a, b, data, *, steps: int = 17, refine: int = 2, model: Optional[nn.
 
 
 @dataclass
-class PlaneResult(_Result):
+class PlaneResult(Result):
     """Loss and accuracy on the plane ``center + alpha * d1 + beta * d2``; grids indexed
     ``[i_alpha][i_beta]``."""
 
@@ -200,7 +167,7 @@ class PlaneResult(_Result):
 
     def plot(self, levels: int = 20):
         """Contours of the loss over the plane (a matplotlib Figure)."""
-        fig, (ax,) = _figure(1)
+        fig, (ax,) = figure(1)
         cs = ax.contourf(self.alpha, self.beta, torch.tensor(self.loss).T.numpy(), levels=levels)
         fig.colorbar(cs, ax=ax, label="loss")
         ax.plot([0], [0], "k+")
@@ -240,7 +207,7 @@ def _shift(c: P.State, d: P.State, scale: float = 1.0) -> P.State:
 
 
 @dataclass
-class SimplexResult(_Result):
+class SimplexResult(Result):
     """Losses at points drawn uniformly from a simplex, or a complex of simplices."""
 
     weights: List[List[float]]  # (n, K): the coefficients of each point over all vertices
@@ -252,7 +219,7 @@ class SimplexResult(_Result):
 
     def plot(self):
         """Histogram of the losses (a matplotlib Figure)."""
-        fig, (ax,) = _figure(1)
+        fig, (ax,) = figure(1)
         ax.hist([v for v in self.loss if math.isfinite(v)], bins=30)
         ax.set(xlabel="loss", ylabel="points")
         return fig
@@ -297,7 +264,7 @@ def simplex(vertices: Sequence, data, *, n: int = 256, complex: Optional[Sequenc
 
 
 @dataclass
-class RaysResult(_Result):
+class RaysResult(Result):
     """Loss and accuracy along rays ``center + r * d_i``; grids indexed ``[direction][radius]``."""
 
     radii: List[float]
@@ -307,7 +274,7 @@ class RaysResult(_Result):
 
     def plot(self):
         """Every ray's loss against the radius (a matplotlib Figure)."""
-        fig, (ax,) = _figure(1)
+        fig, (ax,) = figure(1)
         for row in self.loss:
             ax.plot(self.radii, row, color="C0", alpha=0.4)
         ax.set(xlabel="radius (filter-normalised units)", ylabel="loss")

@@ -435,12 +435,12 @@ M = tanh_mlp()
 X, Y = DATA
 ERRORS = {
     "empty": (lambda: B.loss_and_accuracy(M, (X[:0], Y[:0])),
-              r"data must hold at least one example, got inputs of shape \(0, 5\)"),
+              r"data is empty: expected at least one example, got inputs of shape \(0, 5\)"),
     "lengths": (lambda: B.gradient_norm(M, (X, Y[:-1])),
-                r"same number of examples, got 23 inputs and targets of shape \(22,\)"),
+                r"inputs and targets disagree on the number of examples: 23 inputs and targets of shape \(22,\)"),
     "float_targets": (lambda: B.snip(M, (X, Y.double())),
-                      r"targets must be integer class indices \(int64\), got dtype torch.float64"),
-    "not_a_pair": (lambda: B.fisher(M, X[:2]), r"data must be a pair \(inputs, targets\) of tensors, got Tensor"),
+                      r"loss=.cross_entropy. expects integer class indices as targets, got dtype torch.float64"),
+    "not_a_pair": (lambda: B.fisher(M, X[:2]), r"expected data to be a pair \(inputs, targets\) of tensors, got a Tensor"),
     "batch_size": (lambda: B.fisher(M, DATA, batch_size=0),
                    r"batch_size must be None \(all at once\) or an integer >= 1, got 0"),
     "jacob_n": (lambda: B.jacob_cov(M, DATA, n=0), r"n must be an integer >= 1, got 0"),
@@ -454,7 +454,7 @@ ERRORS = {
              r"kind must be 'filter' or 'gaussian', got 'layer'"),
     "input_shape": (lambda: B.synflow(M, input_shape=(5, 0)),
                     r"input_shape must be a sequence of positive integers .*got \(5, 0\)"),
-    "report_empty": (lambda: B.compute_baselines(M, (X[:0], Y[:0])), r"data must hold at least one example"),
+    "report_empty": (lambda: B.compute_baselines(M, (X[:0], Y[:0])), r"data is empty: expected at least one example"),
 }
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..outputs import logits as logits_of
+from ..training import evaluating
 from . import _layers as L
 from .registry import family_of
 from .report import ExpansionReport
@@ -105,14 +106,8 @@ def preservation_error(base: nn.Module, expanded: nn.Module, inputs: Tensor) -> 
     """``max |expanded(inputs) - base(inputs)|`` over the logits (a tensor, or a Hugging Face
     ``ModelOutput``'s ``.logits``; a headless model's ``last_hidden_state``), in eval mode; both
     models' modes are restored."""
-    modes = [(m, m.training) for net in (base, expanded) for m in net.modules()]
-    try:
-        base.eval()
-        expanded.eval()
+    with evaluating(base, expanded):
         return (_output(expanded(inputs)) - _output(base(inputs))).abs().max().item()
-    finally:
-        for m, t in modes:
-            m.train(t)
 
 
 def _output(out) -> Tensor:
