@@ -19,6 +19,7 @@ timeout (and ``torchrun`` stops the others as soon as one exits with an error): 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime
 import os
 from typing import Any, List, Tuple
@@ -27,7 +28,9 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 300.0
-_sharding = [True]
+# Whether evaluations shard their points, per context (a thread or task sees only its own
+# local() blocks), so that one rank's unit of work cannot switch sharding off for another's.
+_SHARDING: contextvars.ContextVar[bool] = contextvars.ContextVar("manifold_ext_sharding", default=True)
 
 
 class DistributedError(RuntimeError):
@@ -79,19 +82,18 @@ def is_main() -> bool:
 
 def sharding() -> bool:
     """Whether evaluations now shard their points across the ranks."""
-    return active() and _sharding[0]
+    return active() and _SHARDING.get()
 
 
 @contextlib.contextmanager
 def local():
     """Inside, evaluations do not shard their points: each rank works on its own task (the
     compare workflow's units)."""
-    old = _sharding[0]
-    _sharding[0] = False
+    token = _SHARDING.set(False)
     try:
         yield
     finally:
-        _sharding[0] = old
+        _SHARDING.reset(token)
 
 
 def shard(n: int, align: int = 1) -> Tuple[int, int]:

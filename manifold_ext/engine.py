@@ -17,9 +17,10 @@ from __future__ import annotations
 import contextlib
 import math
 import copy
+import functools
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import sys
@@ -92,41 +93,65 @@ def _non_finite(stacked: P.State, coeffs: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- fused engine
 
 
+@dataclass
+class _Call:
+    """The state of one fused pass that the replaced forwards read: the point's coefficients
+    (set by vmap for each point), whether BatchNorm layers apply their statistics or collect the
+    chunk's, and the statistics collected. Every pass makes its own, so no state outlives a call."""
+
+    mode: str
+    coeffs: Optional[Tensor] = None
+    collected: List[Tensor] = field(default_factory=list)
+
+
+class NestedEvaluationError(RuntimeError):
+    """A fused pass was asked to evaluate a model object that another pass is evaluating."""
+
+
+class _Patch(functools.partial):
+    """A module's forward during a fused pass: ``fn(*args, call, inp)`` bound to its pass."""
+
+
 @contextlib.contextmanager
-def _patched(modules: Dict[nn.Module, Callable]):
-    """Temporarily replace the forward of some module instances (restoring any forward the
-    instance itself carried)."""
-    saved = {m: m.__dict__.get("forward") for m in modules}
+def _patched(patches: Dict[nn.Module, Callable], call: _Call):
+    """Replace the forward of some module instances by ``patch(call, inp)`` for the duration of one
+    pass, restoring any forward the instance itself carried.
+
+    Raises:
+        NestedEvaluationError: when a module is already inside a fused pass (a nested or concurrent
+            evaluation of the same model object), whose forwards this pass would replace.
+    """
+    saved = {m: m.__dict__.get("forward") for m in patches}
+    if any(isinstance(f, _Patch) for f in saved.values()):
+        raise NestedEvaluationError("this model is already being evaluated by the fused engine (a nested or "
+                           "concurrent call on the same model object); evaluate a copy "
+                           "(copy.deepcopy(model)) or use engine='loop'")
     try:
-        for m, fwd in modules.items():
-            m.forward = fwd
+        for m, fn in patches.items():
+            m.forward = _Patch(fn, call)
         yield
     finally:
         for m, old in saved.items():
             if old is None:
-                del m.forward
+                m.__dict__.pop("forward", None)
             else:
                 m.forward = old
 
 
-def _linear_forward(W: Tensor, b: Optional[Tensor], coeffs_ref: List[Tensor]):
-    def forward(inp: Tensor) -> Tensor:
-        flat = inp.reshape(-1, inp.shape[-1])
-        out = interp_linear(flat, W, b, coeffs_ref[0])
-        return out.reshape(*inp.shape[:-1], W.shape[1])
-    return forward
+def _linear_forward(W: Tensor, b: Optional[Tensor], call: _Call, inp: Tensor) -> Tensor:
+    flat = inp.reshape(-1, inp.shape[-1])
+    out = interp_linear(flat, W, b, call.coeffs)
+    return out.reshape(*inp.shape[:-1], W.shape[1])
 
 
-def _embedding_forward(W: Tensor, coeffs_ref: List[Tensor]):
+def _embedding_forward(W: Tensor, call: _Call, ids: Tensor) -> Tensor:
     """An embedding at the point: the K vertices' rows for the tokens, mixed (exact: a lookup is
     linear in the table), so no point's table is ever built."""
-    def forward(ids: Tensor) -> Tensor:
-        rows = W[:, ids]  # (K, *ids.shape, dim)
-        return torch.tensordot(coeffs_ref[0].to(rows.dtype), rows, dims=1)
-    return forward
+    rows = W[:, ids]  # (K, *ids.shape, dim)
+    return torch.tensordot(call.coeffs.to(rows.dtype), rows, dims=1)
 
 
-def _head_forward(inp: Tensor) -> Tensor:
+def _head_forward(call: _Call, inp: Tensor) -> Tensor:
     """The classifier head of a fused loss: hands its input on untouched (the model's 'logits'
     are then the head's inputs) and the loss applies the head inside the fused cross-entropy."""
     return inp
@@ -146,23 +171,21 @@ def _check_bn_values(name: str, inp: Tensor) -> None:
             f"in every chunk, or bn='interpolate'")
 
 
-def _bn_forward(module: _BN, mode_ref: List[str], collected: List[Tensor], name: str = ""):
-    def forward(inp: Tensor) -> Tensor:
-        dims = [0] + list(range(2, inp.dim()))
-        if mode_ref[0] == "collect":  # train-mode normalisation, as torch.optim.swa_utils.update_bn
-            _check_bn_values(name, inp)
-            mean = inp.mean(dims)
-            var = inp.var(dims, unbiased=False)
-            n = inp.numel() // inp.shape[1]
-            collected.extend([mean, var * n / max(n - 1, 1)])
-        else:
-            mean, var = module.running_mean, module.running_var
-        shape = [1, -1] + [1] * (inp.dim() - 2)
-        out = (inp - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + module.eps)
-        if module.affine:
-            out = out * module.weight.reshape(shape) + module.bias.reshape(shape)
-        return out
-    return forward
+def _bn_forward(module: _BN, name: str, call: _Call, inp: Tensor) -> Tensor:
+    dims = [0] + list(range(2, inp.dim()))
+    if call.mode == "collect":  # train-mode normalisation, as torch.optim.swa_utils.update_bn
+        _check_bn_values(name, inp)
+        mean = inp.mean(dims)
+        var = inp.var(dims, unbiased=False)
+        n = inp.numel() // inp.shape[1]
+        call.collected.extend([mean, var * n / max(n - 1, 1)])
+    else:
+        mean, var = module.running_mean, module.running_var
+    shape = [1, -1] + [1] * (inp.dim() - 2)
+    out = (inp - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + module.eps)
+    if module.affine:
+        out = out * module.weight.reshape(shape) + module.bias.reshape(shape)
+    return out
 
 
 def _mse_sum(out: Tensor, y: Tensor) -> Tensor:
@@ -251,9 +274,6 @@ class _Fused:
         self.loss = loss
         self.stacked = stacked
         self.ignore_index = ignore_index
-        self.coeffs_ref: List[Tensor] = [torch.empty(0)]
-        self.mode_ref = ["apply"]
-        self.collected: List[Tensor] = []
         self.head = find_head(model, loss, head)
         patches, on_the_fly, users = {}, set(), {}
         mha = {id(c) for m in model.modules() if isinstance(m, nn.MultiheadAttention) for c in m.children()}
@@ -268,17 +288,17 @@ class _Fused:
             elif _is_linear(m):
                 W, b = stacked[lay.canonical(pre + "weight")], \
                     stacked.get(lay.canonical(pre + "bias")) if m.bias is not None else None
-                patch = _linear_forward(W, b, self.coeffs_ref)
+                patch = functools.partial(_linear_forward, W, b)
             elif _is_conv1d(m):
                 W = stacked[lay.canonical(pre + "weight")].transpose(1, 2).contiguous()
                 b = stacked.get(lay.canonical(pre + "bias"))
-                patch = _linear_forward(W, b, self.coeffs_ref)
+                patch = functools.partial(_linear_forward, W, b)
             elif _is_embedding(m):
-                patch = _embedding_forward(stacked[lay.canonical(pre + "weight")], self.coeffs_ref)
+                patch = functools.partial(_embedding_forward, stacked[lay.canonical(pre + "weight")])
             elif isinstance(m, _BN):
                 if not m.track_running_stats:
                     raise ValueError(f"BatchNorm {name!r} keeps no running statistics; not supported")
-                patches[m] = _bn_forward(m, self.mode_ref, self.collected, name)
+                patches[m] = functools.partial(_bn_forward, m, name)
             for n in own:
                 users.setdefault(n, []).append(patch is not None and not isinstance(m, _BN))
             if patch is not None:
@@ -323,27 +343,27 @@ class _Fused:
 
     def run(self, coeffs: Tensor, mat: P.State, x: Tensor, y: Tensor, mode: str, kwargs=None):
         """One vmapped pass over the points of a chunk: (loss_sum, correct) or BN statistics."""
-        self.mode_ref[0] = mode
+        call = _Call(mode)
         kwargs = kwargs or {}
         x = x.clone()  # one call of the model for every point: a copy it may change in place
         rows = _lm_rows(y, self.ignore_index) if self.loss == "lm" else None
 
         def one_point(c, p):
-            self.coeffs_ref[0] = c
-            self.collected.clear()
+            call.coeffs = c
+            call.collected.clear()
             out = functional_call(self.body, p, (x,), kwargs, strict=False)
             if mode == "collect":
-                return tuple(self.collected)
+                return tuple(call.collected)
             return self._loss(logits_of(out), c, y, rows)
 
         try:
-            with _patched(self.patches), warnings.catch_warnings():
+            with _patched(self.patches, call), warnings.catch_warnings():
                 # vmap's per-point fallback for an op without a batching rule (e.g. CPU flash
                 # attention) is slower, which engine="auto" measures and weighs itself.
                 warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet "
                                         "implemented the batching rule", category=UserWarning)
                 return vmap(one_point)(coeffs, mat)
-        except (torch.OutOfMemoryError, MemoryError, _TooFewValues):
+        except (torch.OutOfMemoryError, MemoryError, _TooFewValues, NestedEvaluationError):
             raise
         except Exception as err:  # noqa: BLE001 - rethrown with its real cause
             cause = self.plain_error(x, kwargs)
@@ -683,6 +703,7 @@ def evaluate(
     head: Optional[str] = None,
     ignore_index: int = -100,
     quiet: bool = False,
+    shard: Optional[bool] = None,
 ) -> Evaluation:
     """Mean loss and accuracy of ``model`` at every point ``sum_k coeffs[b, k] * vertices[k]``.
 
@@ -729,10 +750,11 @@ def evaluate(
         ignore_index: the label that does not count, for ``loss="lm"``.
         quiet: no progress bar (there is none either when stderr is not a terminal, or on a
             rank other than 0).
-
-    Under ``torch.distributed`` (:mod:`manifold_ext.distributed`), the rows of ``coeffs`` are
-    sharded across the ranks in blocks of whole chunks of points and every rank returns all the
-    results, equal to a single process's (the fused engine is used).
+        shard: under ``torch.distributed`` (:mod:`manifold_ext.distributed`), whether the rows
+            of ``coeffs`` are sharded across the ranks in blocks of whole chunks of points, every
+            rank returning all the results, equal to a single process's (the fused engine is
+            used). Default: shard unless inside :func:`manifold_ext.distributed.local`; False:
+            this rank evaluates every point itself. Without a process group it has no effect.
 
     Returns:
         :class:`Evaluation` with ``loss`` and ``accuracy`` of shape (B,). A point that puts
@@ -752,21 +774,17 @@ def evaluate(
     bad = _non_finite(stacked, coeffs)  # P.stack made new tensors: the caller's stay untouched
     fused = _Fused(model, stacked, loss, lay=lay, head=head, ignore_index=ignore_index)
     if loss == "lm" and fused.head is not None and engine != "loop":
-        try:
-            _check_head(model, fused.head, inp.x, inp.kwargs)
-        except ValueError as err:
-            if engine == "fused":
-                raise
-            warnings.warn(f"engine='auto': {err}; using the loop", RuntimeWarning, stacklevel=2)
-            engine = "loop"
+        engine = _head_rule(engine, model, fused.head, inp)
     chain = _chain(model, inp.x) if loss != "lm" and not inp.kwargs else None
-    if D.sharding() and engine == "auto":
-        engine = "fused"
-    if engine == "fused" and points_per_chunk is None and D.sharding():
-        # Fixed here, so that every rank's chunks are the ones a single process would use.
-        ex_rows = chunks(len(inp.x), batch_size)[0]
-        points_per_chunk = _chunk_size(fused, chain, inp.x, ex_rows[1] - ex_rows[0], max_memory, inp.kwargs)
-    r0, r1 = D.shard(len(coeffs), points_per_chunk or 1) if D.sharding() else (0, len(coeffs))
+    sharding = D.sharding() if shard is None else bool(shard) and D.active()
+    if sharding:
+        # The fused engine with a chunk size fixed here, so that every rank's chunks are the ones
+        # a single process would use.
+        engine = "fused" if engine == "auto" else engine
+        if engine == "fused" and points_per_chunk is None:
+            ex_rows = chunks(len(inp.x), batch_size)[0]
+            points_per_chunk = _chunk_size(fused, chain, inp.x, ex_rows[1] - ex_rows[0], max_memory, inp.kwargs)
+    r0, r1 = D.shard(len(coeffs), points_per_chunk or 1) if sharding else (0, len(coeffs))
     quiet = quiet or not D.is_main()
     run_fused = lambda c, q, times=None: _evaluate_fused(  # noqa: E731
         fused, c, inp, bn=bn, batch_size=batch_size, max_memory=max_memory,
@@ -784,16 +802,36 @@ def evaluate(
         loss_sum, correct = run_fused(mine, quiet)
     else:
         loss_sum, correct = run_loop(mine, quiet)
-    if D.sharding():
+    if sharding:
         loss_sum, correct = D.gather_rows(loss_sum), D.gather_rows(correct)
-    mean = loss_sum / inp.n_targets
-    acc = correct.double() / inp.n_targets
+    mean, acc = _means(loss_sum, correct, inp.n_targets, bad, loss)
+    return Evaluation(loss=mean, accuracy=acc, n_examples=len(inp.x),
+                      seconds=time.perf_counter() - start, engine=engine)
+
+
+def _head_rule(engine: str, model: nn.Module, head: str, inp: Inputs) -> str:
+    """The engine to use for a language model with a fused head: the loop when the model's logits
+    are not its head's output (an error with ``engine="fused"``, a warning with ``"auto"``)."""
+    try:
+        _check_head(model, head, inp.x, inp.kwargs)
+    except ValueError as err:
+        if engine == "fused":
+            raise
+        warnings.warn(f"engine='auto': {err}; using the loop", RuntimeWarning, stacklevel=3)
+        return "loop"
+    return engine
+
+
+def _means(loss_sum: Tensor, correct: Tensor, n_targets: int, bad: Tensor, loss: str) -> Tuple[Tensor, Tensor]:
+    """Mean loss and accuracy per point from the sums; NaN at the points ``bad`` marks (and every
+    accuracy for ``loss="mse"``, which has none)."""
+    mean = loss_sum / n_targets
+    acc = correct.double() / n_targets
     mean[bad] = float("nan")
     acc[bad] = float("nan")
     if loss == "mse":
         acc[:] = float("nan")
-    return Evaluation(loss=mean, accuracy=acc, n_examples=len(inp.x),
-                      seconds=time.perf_counter() - start, engine=engine)
+    return mean, acc
 
 
 def _auto(coeffs: Tensor, is_chain: bool, run_fused, run_loop, quiet: bool):

@@ -462,3 +462,37 @@ def test_batchnorm_from_one_value_per_channel_is_refused_alike_by_both_engines(e
         torch.testing.assert_close(ev.loss, other.loss)
     # Without recomputation, any chunk will do.
     engine.evaluate(vertices[0], vertices, _coeffs(3, 2), (x, y), engine=eng, batch_size=batch_size, bn="interpolate")
+
+
+class _Reentrant(nn.Module):
+    """Evaluates itself from inside its own forward: a nested fused pass on the same object."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.inner = None
+
+    def forward(self, x):
+        if self.inner is not None:
+            args, self.inner = self.inner, None
+            engine.evaluate(self, *args, engine="fused", quiet=True)
+        return torch.tanh(self.lin(x)) * 1.0
+
+
+def test_a_nested_fused_pass_on_the_same_model_is_refused_not_mixed_up():
+    torch.manual_seed(0)
+    model = _Reentrant()
+    a, b = P.state_of(_Reentrant()), P.state_of(_Reentrant())
+    data = (torch.randn(5, 4), torch.randint(0, 3, (5,)))
+    coeffs = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    model.inner = ([a, b], coeffs, data)
+    with pytest.raises(engine.NestedEvaluationError,
+                       match=r"already being evaluated by the fused engine .*copy.deepcopy\(model\)\) or use engine='loop'"):
+        # points_per_chunk given: the first call of the model is inside the fused pass
+        engine.evaluate(model, [a, b], coeffs, data, engine="fused", points_per_chunk=2, quiet=True)
+    assert "forward" not in model.lin.__dict__  # the outer pass restored the module
+    # Each call has its own context: two calls in a row give what each gives alone.
+    first = engine.evaluate(model, [a, b], coeffs, data, engine="fused", quiet=True).loss
+    other = engine.evaluate(model, [a, b], coeffs.flip(1), data, engine="fused", quiet=True).loss
+    again = engine.evaluate(model, [a, b], coeffs, data, engine="fused", quiet=True).loss
+    assert torch.equal(first, again) and not torch.equal(first, other)
