@@ -11,6 +11,7 @@ Environment switches:
 """
 
 import glob
+import importlib.machinery
 import os
 import re
 import shutil
@@ -19,6 +20,13 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# The kernels use only libtorch (ops registered through the dispatcher, loaded with
+# torch.ops.load_library) and no Python C API, so one build serves every CPython version that the
+# installed torch supports: the stable ABI (_C.abi3.so, wheels tagged abi3). torch's extension
+# builder then defines Py_LIMITED_API, so that a use of the full Python API would not compile, and
+# does not link libtorch_python. The wheel tag names the oldest Python the package supports.
+PY_LIMITED_API = "cp311"
 
 
 def _has_cudart(root):
@@ -102,7 +110,11 @@ def extensions():
     include = [os.path.join(ROOT, "csrc")]
     if not with_cuda:
         ext = CppExtension(
-            "manifold_ext._C", sources, include_dirs=include, extra_compile_args={"cxx": cxx}
+            "manifold_ext._C",
+            sources,
+            include_dirs=include,
+            extra_compile_args={"cxx": cxx},
+            py_limited_api=True,
         )
         return [ext], False
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
@@ -116,16 +128,42 @@ def extensions():
         sources,
         include_dirs=include,
         extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc},
+        py_limited_api=True,
     )
     return [ext], True
 
 
-def main():
-    exts, with_cuda = extensions()  # first: it fixes CUDA_HOME before cpp_extension is imported
+def build_ext_command():
     from torch.utils.cpp_extension import BuildExtension
 
+    class BuildInPlace(BuildExtension):
+        """An in-place build (pip install -e .) also deletes the package's other builds of each
+        extension: Python finds manifold_ext/_C.cpython-311-*.so before _C.abi3.so, so a build
+        left over from another naming would be the one loaded."""
+
+        def copy_extensions_to_source(self):
+            super().copy_extensions_to_source()
+            suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+            for ext in self.extensions:
+                built = os.path.join(ROOT, self.get_ext_filename(ext.name))
+                stem = os.path.join(os.path.dirname(built), ext.name.rsplit(".", 1)[-1] + ".")
+                for path in glob.glob(glob.escape(stem) + "*"):
+                    if path != built and path.endswith(suffixes):
+                        print(f"manifold_ext: removing the stale build {path}", flush=True)
+                        os.remove(path)
+
+    return BuildInPlace
+
+
+def main():
+    exts, with_cuda = extensions()  # first: it fixes CUDA_HOME before cpp_extension is imported
+
     print(f"manifold_ext: building {'CPU and CUDA' if with_cuda else 'CPU'} kernels", flush=True)
-    setup(ext_modules=exts, cmdclass={"build_ext": BuildExtension})
+    setup(
+        ext_modules=exts,
+        cmdclass={"build_ext": build_ext_command()},
+        options={"bdist_wheel": {"py_limited_api": PY_LIMITED_API}},
+    )
 
 
 main()

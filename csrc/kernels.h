@@ -1,5 +1,7 @@
 // Per-device primitives behind the public ops. The public ops (csrc/ops.cpp) validate, normalise
-// shapes and compose these with ATen calls; each device supplies one table of kernels.
+// shapes and compose these with ATen calls; each device supplies one table of them, a constant in
+// its registration file (cpu/kernels_cpu.cpp, cuda/register_cuda.cpp), and registers the public ops
+// with that table under its dispatch key (register_ops in ops.h).
 #pragma once
 #include <ATen/ATen.h>
 
@@ -10,8 +12,9 @@ struct Kernels {
   //   transpose=false: A_k = weight[k]^T, weight (K, J, R), the forward of a linear layer;
   //   transpose=true:  A_k = weight[k],   weight (K, R, J), the input gradient of one.
   // x (B, N, R) with unit stride in R, stride N*R or 0 (one input shared by all points) in B.
-  // weight[k] contiguous for every k (any stride between vertices), x's dtype. coeffs (B, K) contiguous, opmath dtype. bias_mix (B, J) opmath
-  // or undefined. y (B, N, J) contiguous, x's dtype, written.
+  // weight[k] contiguous for every k (any stride between vertices), x's dtype. coeffs (B, K)
+  // contiguous, opmath dtype. bias_mix (B, J) opmath or undefined. y (B, N, J) contiguous, x's
+  // dtype, written.
   void (*interp_mm)(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& coeffs,
                     const at::Tensor& bias_mix, bool transpose, at::Tensor& y);
 
@@ -43,9 +46,5 @@ struct Kernels {
 };
 
 // Every size (B, N, R, J, K, C) the public ops hand to these is at least 1.
-
-// Registered once per device at load time (cpu/register_cpu.cpp, cuda/register_cuda.cpp).
-void set_kernels(c10::DeviceType device, const Kernels& kernels);
-const Kernels& kernels_for(const at::Tensor& t);
 
 }  // namespace manifold_ext

@@ -1,4 +1,5 @@
-// Op schemas, the per-device kernel tables, and what the build was made with.
+// Op schemas and what the build was made with. The devices register their implementations
+// (cpu/kernels_cpu.cpp, cuda/register_cuda.cpp).
 #include <torch/library.h>
 #include <torch/version.h>
 
@@ -8,25 +9,7 @@
 #include <cuda.h>  // CUDA_VERSION
 #endif
 
-#include "kernels.h"
-
 namespace manifold_ext {
-
-static Kernels& table(c10::DeviceType device) {
-  static Kernels cpu{}, cuda{};
-  TORCH_CHECK(device == c10::DeviceType::CPU || device == c10::DeviceType::CUDA,
-              "manifold_ext: no kernels for device type ", device);
-  return device == c10::DeviceType::CPU ? cpu : cuda;
-}
-
-void set_kernels(c10::DeviceType device, const Kernels& kernels) { table(device) = kernels; }
-
-const Kernels& kernels_for(const at::Tensor& t) {
-  const Kernels& k = table(t.device().type());
-  TORCH_CHECK(k.interp_mm != nullptr, "manifold_ext: this build has no ", t.device().type(),
-              " kernels (see manifold_ext.build_info(); rebuild with MANIFOLD_EXT_CUDA=1)");
-  return k;
-}
 
 static std::string build_info_json() {
   std::ostringstream os;

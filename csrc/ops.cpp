@@ -3,7 +3,6 @@
 #include <algorithm>
 
 #include "checks.h"
-#include "kernels.h"
 
 namespace manifold_ext {
 
@@ -60,8 +59,8 @@ Tensor per_point_x(const Interp& p) {
 
 }  // namespace
 
-Tensor interp_linear(const Tensor& x, const Tensor& weight, const OptTensor& bias,
-                     const Tensor& coeffs) {
+Tensor interp_linear(const Kernels& k, const Tensor& x, const Tensor& weight,
+                     const OptTensor& bias, const Tensor& coeffs) {
   check_interp_args("interp_linear", x, weight, bias, coeffs);
   const Interp p = normalise(x, weight, coeffs);
   const Tensor bias_mix = mix_bias(p, bias);
@@ -73,17 +72,17 @@ Tensor interp_linear(const Tensor& x, const Tensor& weight, const OptTensor& bia
     // Exact for a linear layer: K products instead of B, and sum_k c[b,k] bias_k = bias_b.
     y = at::empty({p.B, p.N, p.J}, x.options());
     Tensor y2 = y.view({p.B, p.N * p.J});
-    kernels_for(x).mix(p.c, vertex_outputs(p, bias), y2);
+    k.mix(p.c, vertex_outputs(p, bias), y2);
   } else {
     y = at::empty({p.B, p.N, p.J}, x.options());
-    kernels_for(x).interp_mm(p.x, p.w, p.c, bias_mix, /*transpose=*/false, y);
+    k.interp_mm(p.x, p.w, p.c, bias_mix, /*transpose=*/false, y);
   }
   return p.single ? y.squeeze(0) : y;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> interp_linear_backward(
-    const Tensor& grad_y, const Tensor& x, const Tensor& weight, const OptTensor& bias,
-    const Tensor& coeffs, std::array<bool, 4> mask) {
+    const Kernels& k, const Tensor& grad_y, const Tensor& x, const Tensor& weight,
+    const OptTensor& bias, const Tensor& coeffs, std::array<bool, 4> mask) {
   check_interp_args("interp_linear_backward", x, weight, bias, coeffs);
   const Interp p = normalise(x, weight, coeffs);
   const bool has_bias = bias.has_value() && bias->defined();
@@ -112,15 +111,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> interp_linear_backward(
     }
     if (mask[3]) gc = at::mm(g.view({p.B, p.N * p.J}).to(p.op_t), vertex_outputs(p).t());
   } else {
-    const auto& kern = kernels_for(x);
     if (mask[0]) {
       gx = at::empty_like(p.x);
-      kern.interp_mm(g, p.w, p.c, Tensor(), /*transpose=*/true, gx);
+      k.interp_mm(g, p.w, p.c, Tensor(), /*transpose=*/true, gx);
     }
     if (mask[1] || mask[3]) {
       if (mask[1]) gw = at::empty_like(p.w);
       if (mask[3]) gc = at::empty({p.B, p.K}, p.c.options());
-      kern.outer_mix(g, p.x, p.w, p.c, gw, gc);
+      k.outer_mix(g, p.x, p.w, p.c, gw, gc);
     }
   }
   if (mask[2] || (mask[3] && has_bias)) {
@@ -150,11 +148,9 @@ Tensor batched_target(const Tensor& target, int64_t B, int64_t N) {
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor> interp_linear_cross_entropy(const Tensor& x,
-                                                               const Tensor& weight,
-                                                               const OptTensor& bias,
-                                                               const Tensor& coeffs,
-                                                               const Tensor& target) {
+std::tuple<Tensor, Tensor, Tensor> interp_linear_cross_entropy(
+    const Kernels& k, const Tensor& x, const Tensor& weight, const OptTensor& bias,
+    const Tensor& coeffs, const Tensor& target) {
   const char* op = "interp_linear_cross_entropy";
   check_interp_args(op, x, weight, bias, coeffs);
   check_classes(op, weight.size(1), weight);
@@ -168,11 +164,10 @@ std::tuple<Tensor, Tensor, Tensor> interp_linear_cross_entropy(const Tensor& x,
     if (p.R == 0) {  // logits are the bias alone
       Tensor logits = bias_mix.defined() ? bias_mix.unsqueeze(1).expand({p.B, p.N, p.J})
                                          : at::zeros({p.B, p.N, p.J}, fopts);
-      kernels_for(x).ce_rows(logits.contiguous(), batched_target(target, p.B, p.N), lse, loss,
-                             correct);
+      k.ce_rows(logits.contiguous(), batched_target(target, p.B, p.N), lse, loss, correct);
     } else {
-      kernels_for(x).linear_ce_rows(per_point_x(p), p.w, p.c, bias_mix,
-                                    batched_target(target, p.B, p.N), lse, loss, correct);
+      k.linear_ce_rows(per_point_x(p), p.w, p.c, bias_mix, batched_target(target, p.B, p.N), lse,
+                       loss, correct);
     }
   }
   Tensor loss_sum = loss.sum(1), n_correct = correct.sum(1, false, at::kLong);
@@ -180,9 +175,90 @@ std::tuple<Tensor, Tensor, Tensor> interp_linear_cross_entropy(const Tensor& x,
   return {loss_sum, n_correct, lse};
 }
 
+namespace {
+
+// The gradients of interp_linear_cross_entropy, accumulated one class chunk at a time; a tensor
+// is undefined when its gradient is not wanted.
+struct CeGrads {
+  Tensor gx, gw, gb, gc;
+};
+
+// d loss / d logits of one class chunk [c0, c0 + cc), (B, N, cc) in opmath: the chunk's logits
+// recomputed (the forward stores only the log-sum-exp), softmax minus the one-hot target, scaled
+// by each point's grad_loss.
+Tensor chunk_logit_grad(const Kernels& k, const Interp& p, const Tensor& xb, const Tensor& wc,
+                        const Tensor& bc, const Tensor& lse, const Tensor& t, const Tensor& gl,
+                        int64_t c0, int64_t cc, const at::TensorOptions& x_opts) {
+  Tensor z;
+  if (p.R == 0) {
+    z = bc.defined() ? bc.unsqueeze(1).expand({p.B, p.N, cc}).clone()
+                     : at::zeros({p.B, p.N, cc}, x_opts.dtype(p.op_t));
+  } else {
+    z = at::empty({p.B, p.N, cc}, x_opts);
+    k.interp_mm(xb, wc, p.c, bc, /*transpose=*/false, z);
+  }
+  Tensor dz = (z.to(p.op_t) - lse.unsqueeze(-1)).exp_();
+  const Tensor in_chunk = ((t >= c0) & (t < c0 + cc)).to(p.op_t).unsqueeze(-1);
+  dz.scatter_add_(2, (t - c0).clamp(0, cc - 1).unsqueeze(-1), -in_chunk);
+  return dz.mul_(gl.view({p.B, 1, 1}));
+}
+
+// A shared input: sum_b c[b,k] dz[b] carries everything the K vertices need, so K products
+// replace B.
+void add_shared_grads(const Interp& p, const Tensor& dz, const Tensor& wc, int64_t c0, int64_t cc,
+                      CeGrads& g) {
+  const Tensor G = at::mm(p.c.t(), dz.view({p.B, p.N * cc})).view({p.K, p.N, cc});
+  if (g.gx.defined()) {
+    g.gx.add_(at::mm(G.permute({1, 0, 2}).reshape({p.N, p.K * cc}),
+                     wc.reshape({p.K * cc, p.R}).to(p.op_t)));
+  }
+  if (g.gw.defined()) {
+    g.gw.narrow(1, c0, cc).copy_(
+        at::bmm(G.transpose(1, 2), p.x.to(p.op_t).unsqueeze(0).expand({p.K, p.N, p.R})));
+  }
+  if (g.gc.defined()) {
+    const Tensor zk = at::mm(p.x, wc.reshape({p.K * cc, p.R}).t())
+                          .view({p.N, p.K, cc})
+                          .permute({1, 0, 2})
+                          .reshape({p.K, p.N * cc})
+                          .to(p.op_t);
+    g.gc.add_(at::mm(dz.view({p.B, p.N * cc}), zk.t()));
+  }
+}
+
+// Per-point inputs: the device's interp_mm (transposed) and outer_mix primitives.
+void add_per_point_grads(const Kernels& k, const Interp& p, const Tensor& dz, const Tensor& wc,
+                         int64_t c0, int64_t cc, at::ScalarType xt, CeGrads& g) {
+  const Tensor dzx = dz.to(xt);
+  if (g.gx.defined()) {
+    Tensor part = at::empty_like(p.x);
+    k.interp_mm(dzx, wc, p.c, Tensor(), /*transpose=*/true, part);
+    g.gx.add_(part);
+  }
+  if (g.gw.defined() || g.gc.defined()) {
+    Tensor gwc = g.gw.defined() ? g.gw.narrow(1, c0, cc) : Tensor();
+    Tensor gcc = g.gc.defined() ? at::empty({p.B, p.K}, p.c.options()) : Tensor();
+    k.outer_mix(dzx, p.x, wc, p.c, gwc, gcc);
+    if (g.gc.defined()) g.gc.add_(gcc);
+  }
+}
+
+// The bias terms: grad_bias[k] = sum_b c[b,k] sum_n dz[b,n], and the bias's share of grad_coeffs.
+void add_bias_grads(const Interp& p, const Tensor& dz, const OptTensor& bias, int64_t c0, int64_t cc,
+                    CeGrads& g) {
+  const bool coeff_part = g.gc.defined() && bias.has_value() && bias->defined();
+  if (!g.gb.defined() && !coeff_part) return;
+  const Tensor dsum = dz.sum(1);  // (B, cc)
+  if (g.gb.defined()) g.gb.narrow(1, c0, cc).copy_(at::mm(p.c.t(), dsum));
+  if (coeff_part) g.gc.add_(at::mm(dsum, bias->narrow(1, c0, cc).to(p.op_t).t()));
+}
+
+}  // namespace
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> interp_linear_cross_entropy_backward(
-    const Tensor& grad_loss, const Tensor& x, const Tensor& weight, const OptTensor& bias,
-    const Tensor& coeffs, const Tensor& target, const Tensor& lse_in, std::array<bool, 4> mask) {
+    const Kernels& k, const Tensor& grad_loss, const Tensor& x, const Tensor& weight,
+    const OptTensor& bias, const Tensor& coeffs, const Tensor& target, const Tensor& lse_in,
+    std::array<bool, 4> mask) {
   const char* op = "interp_linear_cross_entropy_backward";
   check_interp_args(op, x, weight, bias, coeffs);
   const Interp p = normalise(x, weight, coeffs);
@@ -195,84 +271,41 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> interp_linear_cross_entropy_backward(
   const Tensor t = batched_target(target, p.B, p.N);
   const Tensor bias_mix = mix_bias(p, bias);
   const auto xt = x.scalar_type();
-  Tensor gx = mask[0] ? at::zeros_like(p.x, p.x.options().dtype(p.op_t)) : Tensor();
-  Tensor gw = mask[1] ? at::zeros_like(p.w) : Tensor();
-  Tensor gb = (mask[2] && has_bias) ? at::zeros({p.K, p.J}, weight.options().dtype(p.op_t))
-                                    : Tensor();
-  Tensor gc = mask[3] ? at::zeros({p.B, p.K}, p.c.options()) : Tensor();
+  CeGrads g;
+  if (mask[0]) g.gx = at::zeros_like(p.x, p.x.options().dtype(p.op_t));
+  if (mask[1]) g.gw = at::zeros_like(p.w);
+  if (mask[2] && has_bias) g.gb = at::zeros({p.K, p.J}, weight.options().dtype(p.op_t));
+  if (mask[3]) g.gc = at::zeros({p.B, p.K}, p.c.options());
   const Tensor xb = per_point_x(p);
+  // The logits are recomputed a chunk of classes at a time, so that at most kLogitChunkElems of
+  // them exist at once.
   const int64_t rows = std::max<int64_t>(1, p.B * p.N);
   const int64_t chunk = std::clamp<int64_t>(kLogitChunkElems / rows, 1, std::max<int64_t>(1, p.J));
-  if (p.B > 0 && p.N > 0) {
-    for (int64_t c0 = 0; c0 < p.J; c0 += chunk) {
-      const int64_t cc = std::min(chunk, p.J - c0);
-      const Tensor wc = p.w.narrow(1, c0, cc);
-      const Tensor bc = bias_mix.defined() ? bias_mix.narrow(1, c0, cc).contiguous() : Tensor();
-      // Logits of this class chunk, recomputed rather than stored by the forward.
-      Tensor z;
-      if (p.R == 0) {
-        z = bc.defined() ? bc.unsqueeze(1).expand({p.B, p.N, cc}).clone()
-                         : at::zeros({p.B, p.N, cc}, x.options().dtype(p.op_t));
+  for (int64_t c0 = 0; p.B > 0 && p.N > 0 && c0 < p.J; c0 += chunk) {
+    const int64_t cc = std::min(chunk, p.J - c0);
+    const Tensor wc = p.w.narrow(1, c0, cc);
+    const Tensor bc = bias_mix.defined() ? bias_mix.narrow(1, c0, cc).contiguous() : Tensor();
+    const Tensor dz = chunk_logit_grad(k, p, xb, wc, bc, lse, t, gl, c0, cc, x.options());
+    if (p.R > 0 && (mask[0] || mask[1] || mask[3])) {
+      if (p.shared) {
+        add_shared_grads(p, dz, wc, c0, cc, g);
       } else {
-        z = at::empty({p.B, p.N, cc}, x.options());
-        kernels_for(x).interp_mm(xb, wc, p.c, bc, /*transpose=*/false, z);
-      }
-      Tensor dz = (z.to(p.op_t) - lse.unsqueeze(-1)).exp_();
-      const Tensor in_chunk = ((t >= c0) & (t < c0 + cc)).to(p.op_t).unsqueeze(-1);
-      dz.scatter_add_(2, (t - c0).clamp(0, cc - 1).unsqueeze(-1), -in_chunk);
-      dz.mul_(gl.view({p.B, 1, 1}));
-      if (p.R > 0 && (mask[0] || mask[1] || mask[3])) {
-        if (p.shared) {
-          const Tensor G = at::mm(p.c.t(), dz.view({p.B, p.N * cc})).view({p.K, p.N, cc});
-          if (mask[0]) {
-            gx.add_(at::mm(G.permute({1, 0, 2}).reshape({p.N, p.K * cc}),
-                           wc.reshape({p.K * cc, p.R}).to(p.op_t)));
-          }
-          if (mask[1]) {
-            gw.narrow(1, c0, cc).copy_(at::bmm(
-                G.transpose(1, 2), p.x.to(p.op_t).unsqueeze(0).expand({p.K, p.N, p.R})));
-          }
-          if (mask[3]) {
-            const Tensor zk = at::mm(p.x, wc.reshape({p.K * cc, p.R}).t())
-                                  .view({p.N, p.K, cc})
-                                  .permute({1, 0, 2})
-                                  .reshape({p.K, p.N * cc})
-                                  .to(p.op_t);
-            gc.add_(at::mm(dz.view({p.B, p.N * cc}), zk.t()));
-          }
-        } else {
-          const Tensor dzx = dz.to(xt);
-          if (mask[0]) {
-            Tensor part = at::empty_like(p.x);
-            kernels_for(x).interp_mm(dzx, wc, p.c, Tensor(), /*transpose=*/true, part);
-            gx.add_(part);
-          }
-          if (mask[1] || mask[3]) {
-            Tensor gwc = mask[1] ? gw.narrow(1, c0, cc) : Tensor();
-            Tensor gcc = mask[3] ? at::empty({p.B, p.K}, p.c.options()) : Tensor();
-            kernels_for(x).outer_mix(dzx, p.x, wc, p.c, gwc, gcc);
-            if (mask[3]) gc.add_(gcc);
-          }
-        }
-      }
-      if (mask[2] || (mask[3] && has_bias)) {
-        const Tensor dsum = dz.sum(1);  // (B, cc)
-        if (gb.defined()) gb.narrow(1, c0, cc).copy_(at::mm(p.c.t(), dsum));
-        if (mask[3] && has_bias) gc.add_(at::mm(dsum, bias->narrow(1, c0, cc).to(p.op_t).t()));
+        add_per_point_grads(k, p, dz, wc, c0, cc, xt, g);
       }
     }
+    add_bias_grads(p, dz, bias, c0, cc, g);
   }
-  if (gx.defined()) {
-    gx = gx.to(xt);
-    if (p.single) gx = gx.squeeze(0);
+  if (g.gx.defined()) {
+    g.gx = g.gx.to(xt);
+    if (p.single) g.gx = g.gx.squeeze(0);
   }
-  if (gc.defined() && p.single) gc = gc.squeeze(0);
-  return {mask[0] ? gx : empty_grad(x), mask[1] ? gw : empty_grad(weight),
-          gb.defined() ? gb.to(bias->scalar_type()) : empty_grad(weight),
-          mask[3] ? gc.to(coeffs.scalar_type()) : empty_grad(coeffs)};
+  if (g.gc.defined() && p.single) g.gc = g.gc.squeeze(0);
+  return {mask[0] ? g.gx : empty_grad(x), mask[1] ? g.gw : empty_grad(weight),
+          g.gb.defined() ? g.gb.to(bias->scalar_type()) : empty_grad(weight),
+          mask[3] ? g.gc.to(coeffs.scalar_type()) : empty_grad(coeffs)};
 }
 
-std::tuple<Tensor, Tensor, Tensor> batched_cross_entropy(const Tensor& logits,
+std::tuple<Tensor, Tensor, Tensor> batched_cross_entropy(const Kernels& k, const Tensor& logits,
                                                          const Tensor& target) {
   const char* op = "batched_cross_entropy";
   check_logits(op, logits);
@@ -285,14 +318,16 @@ std::tuple<Tensor, Tensor, Tensor> batched_cross_entropy(const Tensor& logits,
   auto fopts = logits.options().dtype(op_t);
   Tensor lse = at::empty({B, N}, fopts), loss = at::empty({B, N}, fopts);
   Tensor correct = at::empty({B, N}, logits.options().dtype(at::kBool));
-  if (B > 0 && N > 0) kernels_for(logits).ce_rows(l, batched_target(target, B, N), lse, loss, correct);
+  if (B > 0 && N > 0) k.ce_rows(l, batched_target(target, B, N), lse, loss, correct);
   Tensor loss_sum = loss.sum(1), n_correct = correct.sum(1, false, at::kLong);
   if (single) return {loss_sum.squeeze(0), n_correct.squeeze(0), lse.squeeze(0)};
   return {loss_sum, n_correct, lse};
 }
 
-Tensor batched_cross_entropy_backward(const Tensor& grad_loss, const Tensor& logits,
-                                      const Tensor& target, const Tensor& lse) {
+// Only ATen calls: no primitive is needed.
+Tensor batched_cross_entropy_backward(const Kernels&, const Tensor& grad_loss,
+                                      const Tensor& logits, const Tensor& target,
+                                      const Tensor& lse) {
   const char* op = "batched_cross_entropy_backward";
   check_logits(op, logits);
   const bool single = logits.dim() == 2;

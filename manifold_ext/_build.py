@@ -24,11 +24,27 @@ def check_versions(built_torch: str, runtime_torch: str) -> None:
         )
 
 
+def _builds(folder: str) -> list[str]:
+    """The files in folder that Python would take for the extension module _C."""
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    return sorted(n for n in os.listdir(folder) if n.startswith("_C.") and n.endswith(suffixes))
+
+
 def load() -> dict:
     """Load manifold_ext/_C*.so into torch.ops and return its build info."""
-    spec = importlib.machinery.PathFinder.find_spec("_C", [os.path.dirname(__file__)])
+    folder = os.path.dirname(__file__)
+    spec = importlib.machinery.PathFinder.find_spec("_C", [folder])
     if spec is None or spec.origin is None:
         raise ImportError(f"manifold_ext: the compiled kernels (manifold_ext/_C*.so) are missing; {_REBUILD}")
+    # Python prefers _C.cpython-*.so to _C.abi3.so whatever their age, so a leftover of an older
+    # build would be loaded in place of the new one.
+    builds = _builds(folder)
+    if len(builds) > 1:
+        raise ImportError(
+            f"manifold_ext: several builds of the compiled kernels ({', '.join(builds)}) in "
+            f"{folder}, and {os.path.basename(spec.origin)} would be loaded, which may be stale; "
+            f"delete them and {_REBUILD}"
+        )
     try:
         torch.ops.load_library(spec.origin)
     except OSError as err:

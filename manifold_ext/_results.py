@@ -34,11 +34,14 @@ class Result:
         return cls(**data)
 
 
-def figure(ncols: int = 1):
-    """A matplotlib ``Figure`` (not attached to pyplot) with ``ncols`` axes side by side."""
+def figure(ncols: int = 1, title: Optional[str] = None):
+    """A matplotlib ``Figure`` (not attached to pyplot) with ``ncols`` axes side by side, and
+    ``title`` above them when given."""
     try:
         from matplotlib.figure import Figure
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("plot() needs matplotlib: pip install 'manifold_ext[plot]'") from err
-    fig = Figure(figsize=(5 * ncols, 3.6), layout="constrained")
+    fig = Figure(figsize=(5 * ncols, 3.6 if title is None else 3.9), layout="constrained")
+    if title is not None:
+        fig.suptitle(title, fontsize=10)
     return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]

@@ -52,8 +52,8 @@ Data = Tuple[Tensor, Tensor]
 # time, whatever batch_size says, so that N x P gradients are never held at once.
 _PER_EXAMPLE_BYTES = 256 << 20
 # Hutchinson probes go through one vmapped backward in blocks of up to this many parameters'
-# worth (so only small models batch them, where per-product overhead dominates: 64 probes of a
-# 39-parameter model at once; a 85k-parameter MLP one at a time, which measured faster there).
+# worth: only small models batch them, where the overhead of each product dominates its work; a
+# large model's products are each big enough to run one at a time.
 _PROBE_BLOCK_ELEMS = 1 << 16
 
 

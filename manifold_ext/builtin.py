@@ -1,18 +1,19 @@
 """The built-in benchmarks of ``manifold-ext compare``: a task (data), a small base model and the
-candidate expansions to rank.
+candidate expansions to rank (:data:`SUITE` lists those ``--suite`` runs).
 
 * ``mlp`` on ``digits``: an MLP 64-11-11-10. Eleven units make pairs of width and depth
   expansions of exactly equal size possible: a block inserted after the second hidden layer adds
   11 * 12 = 132 parameters, and widening that layer by 6 units adds 6 * (11 + 1 + 10) = 132.
-* ``cnn`` on ``digits`` (8x8 images): a ResNetCNN with stages of 8 and 16 channels.
+* ``mlp`` on ``teacher`` (Gaussian inputs labelled by a random wider MLP) and on ``clusters``
+  (scikit-learn's ``make_classification``): MLPs 16-15-15-8 and 20-9-9-5, the same candidate
+  kinds from :func:`mlp_candidates`.
+* ``cnn`` on ``digits`` (8x8 images): a ResNetCNN with stages of :data:`CNN_WIDTHS` channels.
 * ``gpt2`` on ``python``: a small Hugging Face GPT-2 (width 32, 2 blocks, 4 heads, feed-forward 128,
   byte vocabulary) learning the bytes of Python's standard-library source, ``loss="lm"``.
 
-Measured before choosing the MLP's settings (3 seeds, gains in test accuracy over the base trained
-on for the same budget): with the base trained 15 epochs, width x4 gained 4.5 +- 2.6 points, a
-width-for-depth pair 0.2 to 0.9, a randomly initialised inserted layer lost 31 to 36; with the
-base trained 60 epochs every gain shrank under half a point, below the seed spread. Hence a
-deliberately short pre-training.
+Every base is trained briefly on purpose: a base trained to convergence leaves every candidate a
+gain below the spread between seeds, and then there is nothing to rank. The lengths were chosen by
+measurement (``python -m benchmarks.base_choice``; the tables are in docs/benchmarks.md).
 """
 
 from __future__ import annotations

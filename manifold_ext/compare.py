@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import baselines as B
+from .baselines import BASELINES, compute_baselines
 from . import distributed as D
 from . import manifold as M
 from ._io import save_state, write_text
@@ -63,6 +63,11 @@ IGNORE = -100  # a target that does not count (the engine's ignore_index)
 PRESERVATION_ROWS = 64  # training inputs the preservation error is measured on when expand has no default
 
 
+# Settings keys of earlier versions, read under their new names: ``threshold`` was a multiple of
+# the base's loss while every other "threshold" in the package is a loss.
+RENAMED_SETTINGS = {"threshold": "threshold_multiple"}
+
+
 @dataclass
 class Settings:
     """Everything a compare run depends on (a TOML config sets any of these by name).
@@ -76,7 +81,7 @@ class Settings:
         lr, batch_size: all training.
         probe_examples: training examples the estimators and baselines see (the probe set); for
             ``loss="lm"``, training sequences.
-        threshold: the common loss threshold, a multiple of the base's loss on the probe set,
+        threshold_multiple: sets the common loss threshold: this multiple of the base's loss on the probe set,
             capped at halfway from that loss to the chance-level loss ln(K) (uniform predictions
             over the base's K classes, or its vocabulary for ``loss="lm"``), so it never reaches
             chance: see :func:`loss_threshold` (each base in the results records its threshold
@@ -105,10 +110,10 @@ class Settings:
     lr: float = 1e-3
     batch_size: int = 64
     probe_examples: int = 512
-    threshold: float = 2.0
+    threshold_multiple: float = 2.0
     estimators: Tuple[str, ...] = DEFAULT_ESTIMATORS
     estimator_options: Dict[str, dict] = field(default_factory=lambda: copy.deepcopy(DEFAULT_ESTIMATOR_OPTIONS))
-    baselines: Tuple[str, ...] = tuple(B.BASELINES)
+    baselines: Tuple[str, ...] = tuple(BASELINES)
     default_estimator: Optional[str] = None
     n_boot: int = 2000
     loss: str = "cross_entropy"
@@ -129,7 +134,7 @@ class Settings:
         if self.adapt_epochs > self.finetune_epochs:
             raise ValueError(f"settings: adapt_epochs ({self.adapt_epochs}) must not exceed "
                              f"finetune_epochs ({self.finetune_epochs}): the adaptation is part of the budget")
-        for name in ("lr", "threshold"):
+        for name in ("lr", "threshold_multiple"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise ValueError(f"settings: {name} must be a positive number, got {v!r}")
@@ -137,9 +142,9 @@ class Settings:
         if unknown or not self.estimators:
             raise ValueError(f"settings: unknown estimator(s) {unknown}; valid are {list(M.ESTIMATORS)}")
         self._check_estimator_options()
-        unknown = [b for b in self.baselines if b not in B.BASELINES]
+        unknown = [b for b in self.baselines if b not in BASELINES]
         if unknown:
-            raise ValueError(f"settings: unknown baseline(s) {unknown}; valid are {list(B.BASELINES)}")
+            raise ValueError(f"settings: unknown baseline(s) {unknown}; valid are {list(BASELINES)}")
         if self.default_estimator not in self.estimators:
             raise ValueError(f"settings: default_estimator must be one of the estimators run "
                              f"{list(self.estimators)}, got {self.default_estimator!r}")
@@ -164,7 +169,7 @@ class Settings:
             fixed = sorted(set(opts) & {"tau", "seed", "quiet"})
             if fixed:
                 raise ValueError(f"settings: estimator_options.{name} sets {fixed}, which compare sets itself (the "
-                                 f"threshold from threshold, the seed from the run's seed); drop them")
+                                 f"threshold from threshold_multiple, the seed from the run's seed); drop them")
             valid = [o for o in M.option_names(name)
                      if o not in ("loss", "tau", "seed", "quiet", "return_vertices", "train_data")]
             unknown = sorted(set(opts) - set(valid))
@@ -176,8 +181,14 @@ class Settings:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Settings":
-        """Settings from a dict (a TOML config's top level); unknown keys are a ValueError."""
+        """Settings from a dict (a TOML config's top level, or a run's results.json); unknown keys
+        are a ValueError. Keys of earlier versions (:data:`RENAMED_SETTINGS`) are read under their
+        new names."""
         names = [f.name for f in fields(cls)]
+        both = [old for old, new in RENAMED_SETTINGS.items() if old in d and new in d]
+        if both:
+            raise ValueError(f"settings: {both[0]!r} is the old name of {RENAMED_SETTINGS[both[0]]!r}; give one of them")
+        d = {RENAMED_SETTINGS.get(k, k): v for k, v in d.items()}
         unknown = sorted(set(d) - set(names))
         if unknown:
             raise ValueError(f"settings: unknown key(s) {unknown}; valid keys are {names}")
@@ -350,7 +361,7 @@ def run_unit(base: nn.Module, candidate: Candidate, task: Task, settings: Settin
         est = M.ESTIMATORS[name](grown, probe, tau=tau, seed=seed, quiet=True, loss=settings.loss, **opts)
         sizes[name] = est.size
         estimates[name] = {k: v for k, v in asdict(est).items() if k not in ("trace",)}
-    report = B.compute_baselines(grown, probe, seed=seed, include=settings.baselines, quiet=True,
+    report = compute_baselines(grown, probe, seed=seed, include=settings.baselines, quiet=True,
                                  loss=settings.loss)
     adapted_loss = mean_loss(grown, *probe, settings.loss)
     # The rest of the budget, continuing the adaptation's optimiser.
@@ -669,7 +680,30 @@ def compare(bench: Benchmark, settings: Settings, out: Path, *, base: Optional[n
     start = time.perf_counter()
     out = Path(out)
     check_out(out)
-    names = [c.name for c in bench.candidates]
+    _check_candidate_names(bench.candidates)
+    outputs = _check_inputs(bench, settings, base)
+    config = _run_config(bench, settings, base)
+    t = bench.task.to(bench.task.device if device is None else device)
+    probe = (t.x_train[:settings.probe_examples], t.y_train[:settings.probe_examples])
+    base_models = _shared_bases(bench, settings, base, out, t, config, resume)
+    bases = [_base_record(seed, model, t, probe, settings, outputs) for seed, model in enumerate(base_models)]
+    jobs = [(seed, cand) for seed in range(settings.seeds) for cand in bench.candidates]
+    units = _run_units(jobs, base_models, bases, t, settings, out, resume, quiet)
+    result = summarise(bench, settings, bases, units)
+    result.seconds = time.perf_counter() - start
+    result.base_fingerprint = config.get("base")
+    if D.is_main():
+        for (seed, cand), unit in zip(jobs, units):  # another node's units, without a shared disk
+            if not _unit_path(out, seed, cand).exists():
+                _write_unit(_unit_path(out, seed, cand), unit)
+        result.to_json(out / "results.json")
+    D.barrier()
+    return result
+
+
+def _check_candidate_names(candidates: Sequence[Candidate]) -> None:
+    """ValueError unless the names are unique and no two share a unit file."""
+    names = [c.name for c in candidates]
     if len(set(names)) != len(names):
         raise ValueError(f"candidate names must be unique, got duplicates "
                          f"{sorted({n for n in names if names.count(n) > 1})}")
@@ -679,11 +713,15 @@ def compare(bench: Benchmark, settings: Settings, out: Path, *, base: Optional[n
         if other != n:
             raise ValueError(f"candidate names {other!r} and {n!r} would share the unit file units/seed*/{_safe(n)}.json "
                              f"(characters other than letters, digits, '-', '_' and '.' become '_'): rename one")
+
+
+def _check_inputs(bench: Benchmark, settings: Settings, base: Optional[nn.Module]) -> int:
+    """Before any training: there is a base, the data fit it, and every candidate grows from it.
+    Returns the base's number of outputs (classes, or the vocabulary)."""
     if base is None and bench.make_base is None:
         raise ValueError("compare: the benchmark has no make_base; pass your trained model as base=")
     if base is not None and not isinstance(base, nn.Module):
         raise TypeError(f"compare: base must be an nn.Module, got {type(base).__name__}")
-    # Before any training: the data fit the base, and every candidate grows from it.
     reference = _fresh_base(bench, 0, base)
     outputs = check_data(reference, bench.task, loss=settings.loss)
     if settings.loss == "lm" and settings.baselines and (bench.task.y_train[:settings.probe_examples] == IGNORE).any():
@@ -691,18 +729,24 @@ def compare(bench: Benchmark, settings: Settings, out: Path, *, base: Optional[n
                          f"holds ignored targets ({IGNORE}), which the baselines do not take: pass sequences "
                          f"without padding, or baselines = []")
     check_candidates(reference, bench.candidates, bench.task)
-    del reference
+    return outputs
+
+
+def _run_config(bench: Benchmark, settings: Settings, base: Optional[nn.Module]) -> dict:
+    """What a resumed run must match (``config.json``), as JSON values."""
     config = {"model": bench.model, "task": bench.task.name, "settings": asdict(settings),
               "candidates": [c.to_dict() for c in bench.candidates]}
     if settings.loss == LOSSES[0]:  # absent for the default loss, so that older run directories still resume
         del config["settings"]["loss"]
     if base is not None:  # absent for a trained base, so that older run directories still resume
         config["base"] = fingerprint(base)
-    config = json.loads(json.dumps(config, default=str))
-    t = bench.task.to(bench.task.device if device is None else device)
-    probe = (t.x_train[:settings.probe_examples], t.y_train[:settings.probe_examples])
-    # Rank 0 checks the directory and trains (or loads) the bases; every rank then has the
-    # same ones, or the same error.
+    return json.loads(json.dumps(config, default=str))
+
+
+def _shared_bases(bench: Benchmark, settings: Settings, base: Optional[nn.Module], out: Path, t: Task,
+                  config: dict, resume: bool) -> List[nn.Module]:
+    """Every seed's base on ``t``'s device: rank 0 checks the directory and trains (or loads) them,
+    then every rank has the same ones, or the same error."""
     failure, base_models = None, None
     if D.is_main():
         try:
@@ -717,19 +761,26 @@ def compare(bench: Benchmark, settings: Settings, out: Path, *, base: Optional[n
     failure, base_models = D.broadcast((failure, base_models))
     if failure is not None:
         raise ValueError(failure)
-    base_models = [m.to(t.device) for m in base_models]
-    bases = []
-    chance = chance_accuracy(t, settings.loss)
-    unigram = unigram_loss(t) if settings.loss == "lm" else None
-    for seed, model in enumerate(base_models):
-        base_loss = mean_loss(model, *probe, settings.loss)
-        tau = loss_threshold(settings.threshold, base_loss, math.log(outputs))
-        bases.append({"seed": seed, "test_accuracy": accuracy(model, t.x_test, t.y_test, settings.loss),
-                      "test_loss": mean_loss(model, t.x_test, t.y_test, settings.loss), "chance_accuracy": chance,
-                      "probe_loss": base_loss, "threshold": tau, "threshold_capped": tau < settings.threshold * base_loss,
-                      "chance_loss": math.log(outputs), "outputs": outputs, "unigram_loss": unigram,
-                      "parameters": sum(p.numel() for p in model.parameters())})
-    jobs = [(seed, cand) for seed in range(settings.seeds) for cand in bench.candidates]
+    return [m.to(t.device) for m in base_models]
+
+
+def _base_record(seed: int, model: nn.Module, t: Task, probe, settings: Settings, outputs: int) -> dict:
+    """A base's entry in the results: its accuracy and losses, the run's threshold and chance levels."""
+    base_loss = mean_loss(model, *probe, settings.loss)
+    tau = loss_threshold(settings.threshold_multiple, base_loss, math.log(outputs))
+    return {"seed": seed, "test_accuracy": accuracy(model, t.x_test, t.y_test, settings.loss),
+            "test_loss": mean_loss(model, t.x_test, t.y_test, settings.loss),
+            "chance_accuracy": chance_accuracy(t, settings.loss),
+            "probe_loss": base_loss, "threshold": tau, "threshold_capped": tau < settings.threshold_multiple * base_loss,
+            "chance_loss": math.log(outputs), "outputs": outputs,
+            "unigram_loss": unigram_loss(t) if settings.loss == "lm" else None,
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def _run_units(jobs, base_models: List[nn.Module], bases: List[dict], t: Task, settings: Settings, out: Path,
+               resume: bool, quiet: bool) -> List[dict]:
+    """Every (seed, candidate) unit, in the order of ``jobs``: this rank's are run (or read back
+    with ``resume``) and written as they finish, then all ranks' are gathered."""
     mine = [i for i in range(len(jobs)) if i % D.world() == D.rank()]
     bar = tqdm(total=len(jobs), desc="compare", unit="candidate", leave=False,
                disable=quiet or not sys.stderr.isatty() or not D.is_main())
@@ -748,17 +799,7 @@ def compare(bench: Benchmark, settings: Settings, out: Path, *, base: Optional[n
     bar.close()
     for part in D.all_gather(done):
         done.update(part)
-    units = [done[i] for i in range(len(jobs))]
-    result = summarise(bench, settings, bases, units)
-    result.seconds = time.perf_counter() - start
-    result.base_fingerprint = config.get("base")
-    if D.is_main():
-        for (seed, cand), unit in zip(jobs, units):  # another node's units, without a shared disk
-            if not _unit_path(out, seed, cand).exists():
-                _write_unit(_unit_path(out, seed, cand), unit)
-        result.to_json(out / "results.json")
-    D.barrier()
-    return result
+    return [done[i] for i in range(len(jobs))]
 
 
 def check_out(out: Path) -> None:
@@ -818,35 +859,25 @@ def _equal_size_order(units: List[dict], name: str) -> Optional[float]:
     return score / pairs if pairs else None
 
 
-def summarise(bench: Benchmark, settings: Settings, bases: List[dict], units: List[dict]) -> CompareResult:
-    """Gains, the ranking, the correlation tables and the warnings from the units.
-
-    Four warnings can be raised (``CompareResult.warnings``):
-
-    * the base is at chance level: its test accuracy (mean over the seeds' bases) is less than
-      ``CHANCE_MARGIN`` (5 points) above the chance level, the test accuracy of always predicting
-      the most frequent training class (token, for ``loss="lm"``);
-    * for ``loss="lm"``, the base's test loss (mean over the seeds) is less than
-      ``UNIGRAM_MARGIN`` (0.1 nats) below the unigram model's (:func:`unigram_loss`);
-    * the threshold is not below the chance-level loss ln(K), the loss of uniform predictions
-      over the base's K outputs (classes, or its vocabulary for ``loss="lm"``), for some seed's
-      base: the low-loss region then takes in models no better than chance;
-    * the gains carry no signal: with at least 2 seeds and 3 candidates, Friedman's test of the
-      gains over the base (seeds as blocks, candidates as treatments) gives ``p > SIGNAL_P``
-      (0.05). ``CompareResult.signal`` holds the p-value, the spread of the candidates' mean gains
-      and the mean spread across seeds.
-    """
+def _add_gains(units: List[dict], bases: List[dict]) -> None:
+    """Each unit's gains in test accuracy points over its seed's base and (when the run has one)
+    over its seed's control, added to the unit."""
     base_acc = {b["seed"]: b["test_accuracy"] for b in bases}
     control = {u["seed"]: u["test_accuracy"] for u in units if u["candidate"] == "control"}
     for u in units:
         u["gain_over_base"] = 100 * (u["test_accuracy"] - base_acc[u["seed"]])
         u["gain_over_control"] = (100 * (u["test_accuracy"] - control[u["seed"]])
                                   if u["seed"] in control else None)
+
+
+def _ranking(candidates: Sequence[Candidate], units: List[dict], estimator: str) -> List[dict]:
+    """The candidates by ``estimator``'s mean size over the seeds (-inf when any seed's region is
+    empty), largest first, with their mean gains."""
     ranking = []
-    for cand in bench.candidates:
+    for cand in candidates:
         mine = [u for u in units if u["candidate"] == cand.name]
         gains = torch.tensor([u["gain_over_base"] for u in mine], dtype=torch.float64)
-        sizes = [u["sizes"][settings.default_estimator] for u in mine]
+        sizes = [u["sizes"][estimator] for u in mine]
         finite = [s for s in sizes if math.isfinite(s)]
         ranking.append({
             "candidate": cand.name, "parameters": mine[0]["parameters"],
@@ -860,30 +891,32 @@ def summarise(bench: Benchmark, settings: Settings, bases: List[dict], units: Li
     ranking.sort(key=lambda r: r["size"], reverse=True)
     for i, r in enumerate(ranking):
         r["rank"] = i + 1
+    return ranking
+
+
+def _correlation_row(name: str, units: List[dict], n_boot: int) -> dict:
+    """Metric ``name`` against the gains: within each seed (the headline), pooled, within each
+    seed over the function-preserving candidates only, and the equal-size order."""
     gains = [u["gain_over_base"] for u in units]
     groups = [u["candidate"] for u in units]
+    seeds_of = [u["seed"] for u in units]
+    values = [_metric(u, name) for u in units]
+    row = asdict(within_seed_correlation(values, gains, seeds_of, groups, metric=name, n_boot=n_boot, seed=0))
+    pooled = rank_correlation(values, gains, metric=name, groups=groups, n_boot=n_boot, seed=0)
+    row["pooled_spearman"], row["pooled_spearman_ci"] = pooled.spearman, pooled.spearman_ci
     # The function-preserving expansions (and the control): a subset fixed before any metric is
     # seen, without the broken candidates whose collapse any metric can spot.
     kept = [i for i, u in enumerate(units)
             if u["preservation_error"] is not None and u["preservation_error"] <= PRESERVING]
-    seeds_of = [u["seed"] for u in units]
-    correlations = []
-    for name in metric_names(settings):
-        values = [_metric(u, name) for u in units]
-        c = within_seed_correlation(values, gains, seeds_of, groups, metric=name, n_boot=settings.n_boot, seed=0)
-        row = asdict(c)
-        pooled = rank_correlation(values, gains, metric=name, groups=groups, n_boot=settings.n_boot, seed=0)
-        row["pooled_spearman"], row["pooled_spearman_ci"] = pooled.spearman, pooled.spearman_ci
-        sub = within_seed_correlation([values[i] for i in kept], [gains[i] for i in kept],
-                                      [seeds_of[i] for i in kept], [groups[i] for i in kept],
-                                      n_boot=settings.n_boot, seed=0)
-        row["preserving_spearman"], row["preserving_spearman_ci"], row["preserving_n"] = \
-            sub.spearman, sub.spearman_ci, sub.n
-        row["equal_size_order"] = _equal_size_order(units, name)
-        correlations.append(row)
-    seeds = sorted({u["seed"] for u in units})
-    by_unit = {(u["seed"], u["candidate"]): u["gain_over_base"] for u in units}
-    signal = gain_signal([[by_unit[(s, c.name)] for c in bench.candidates] for s in seeds])
+    sub = within_seed_correlation([values[i] for i in kept], [gains[i] for i in kept],
+                                  [seeds_of[i] for i in kept], [groups[i] for i in kept], n_boot=n_boot, seed=0)
+    row["preserving_spearman"], row["preserving_spearman_ci"], row["preserving_n"] = sub.spearman, sub.spearman_ci, sub.n
+    row["equal_size_order"] = _equal_size_order(units, name)
+    return row
+
+
+def _warnings(bases: List[dict], signal: dict, n_seeds: int, n_candidates: int, multiple: float) -> List[str]:
+    """The warnings :func:`summarise` describes, in that order."""
     warnings = []
     chance = [b["chance_accuracy"] for b in bases if b.get("chance_accuracy") is not None]
     if chance:
@@ -903,9 +936,9 @@ def summarise(bench: Benchmark, settings: Settings, bases: List[dict], units: Li
         b = max(over, key=lambda b: b["threshold"] - b["chance_loss"])
         which = f" (for {len(over)} of the {len(bases)} seeds' bases)" if len(over) < len(bases) else ""
         limits = [o["chance_loss"] / o["probe_loss"] for o in over if o["probe_loss"] > 0]
-        advice = (f"set threshold below {min(limits):.3g}" if limits and min(limits) > 1
+        advice = (f"set threshold_multiple below {min(limits):.3g}" if limits and min(limits) > 1
                   else "the base's own probe loss is not below it")
-        warnings.append(f"the loss threshold is not below the chance-level loss{which}: {settings.threshold:g} x "
+        warnings.append(f"the loss threshold is not below the chance-level loss{which}: {multiple:g} x "
                         f"the base's probe loss {b['probe_loss']:.3g} = {b['threshold']:.3g} >= ln({b['outputs']}) = "
                         f"{b['chance_loss']:.3g}, the loss of uniform predictions over its {b['outputs']} outputs; "
                         f"the manifold sizes take in models no better than chance: {advice}")
@@ -914,9 +947,37 @@ def summarise(bench: Benchmark, settings: Settings, bases: List[dict], units: Li
         text = (f"the candidates' gains do not differ beyond the seed spread (Friedman p = {p:.2g}): "
                 "no ranking conclusion can be drawn")
         if signal["friedman_min_p"] > SIGNAL_P:
-            text += (f" (with {len(seeds)} seeds and {len(bench.candidates)} candidates, p cannot fall "
+            text += (f" (with {n_seeds} seeds and {n_candidates} candidates, p cannot fall "
                      f"below {signal['friedman_min_p']:.2g}: run more seeds)")
         warnings.append(text)
+    return warnings
+
+
+def summarise(bench: Benchmark, settings: Settings, bases: List[dict], units: List[dict]) -> CompareResult:
+    """Gains, the ranking, the correlation tables and the warnings from the units.
+
+    Four warnings can be raised (``CompareResult.warnings``):
+
+    * the base is at chance level: its test accuracy (mean over the seeds' bases) is less than
+      ``CHANCE_MARGIN`` (5 points) above the chance level, the test accuracy of always predicting
+      the most frequent training class (token, for ``loss="lm"``);
+    * for ``loss="lm"``, the base's test loss (mean over the seeds) is less than
+      ``UNIGRAM_MARGIN`` (0.1 nats) below the unigram model's (:func:`unigram_loss`);
+    * the threshold is not below the chance-level loss ln(K), the loss of uniform predictions
+      over the base's K outputs (classes, or its vocabulary for ``loss="lm"``), for some seed's
+      base: the low-loss region then takes in models no better than chance;
+    * the gains carry no signal: with at least 2 seeds and 3 candidates, Friedman's test of the
+      gains over the base (seeds as blocks, candidates as treatments) gives ``p > SIGNAL_P``
+      (0.05). ``CompareResult.signal`` holds the p-value, the spread of the candidates' mean gains
+      and the mean spread across seeds.
+    """
+    _add_gains(units, bases)
+    seeds = sorted({u["seed"] for u in units})
+    by_unit = {(u["seed"], u["candidate"]): u["gain_over_base"] for u in units}
+    signal = gain_signal([[by_unit[(s, c.name)] for c in bench.candidates] for s in seeds])
+    ranking = _ranking(bench.candidates, units, settings.default_estimator)
+    correlations = [_correlation_row(name, units, settings.n_boot) for name in metric_names(settings)]
+    warnings = _warnings(bases, signal, len(seeds), len(bench.candidates), settings.threshold_multiple)
     return CompareResult(settings=json.loads(json.dumps(asdict(settings), default=str)),
                          candidates=[c.to_dict() for c in bench.candidates], bases=bases,
                          units=units, ranking=ranking, correlations=correlations, signal=signal,

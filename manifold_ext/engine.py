@@ -414,10 +414,9 @@ class _Fused:
 _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh,
                 nn.Sigmoid, nn.Softplus, nn.Hardtanh, nn.Identity, nn.Dropout)
 
-# Points per pass of a chain: one layer's activations for the chunk stay near the caches.
-# Measured on the digits MLP 64-256-256-10 (2 cores, 32 MiB L3), B=64 points of a line: at N=1797
-# 1, 2, 4 and 8 points per pass took 188, 158, 144 and 157 ms; at N=64 all 64 points in one pass
-# 5.7 ms, 16 points 6.7 ms (the vmap path 8.3 ms).
+# Points per pass of a chain are capped so that one layer's activations for the chunk stay near
+# the caches: past that, each layer streams them through memory again (the sweep behind the value
+# is in docs/benchmarks.md, "Engine constants").
 _CHAIN_BYTES = 8 << 20
 
 
@@ -477,18 +476,17 @@ def _run_chain(layers, fused: "_Fused", coeffs: Tensor, x: Tensor, y: Tensor, in
             # Flatten, Identity and Dropout in eval mode return the caller's data itself.
             owned = owned or out.untyped_storage().data_ptr() != h.untyped_storage().data_ptr()
             h = out
-    P = coeffs.shape[0]
+    n_points = coeffs.shape[0]
     if fused.loss == "mse":
-        out = h.reshape(P, len(y), -1)
+        out = h.reshape(n_points, len(y), -1)
         err = (out - y.reshape(1, *out.shape[1:]).to(out.dtype)).pow(2).mean(2).sum(1)
-        return err, torch.zeros(P, dtype=torch.int64, device=h.device)
+        return err, torch.zeros(n_points, dtype=torch.int64, device=h.device)
     return batched_cross_entropy(h, y.reshape(-1))
 
 
 # Points per pass are also capped so that one pass's activations stay near the caches: B points
-# at once stream B times one point's activations through memory between layers. Measured on the
-# digits MLP 64-256-256-10 at N=1797 (2 cores, 32 MB L3): 64 points per pass 245 ms, 8 points
-# 175 ms, 2 points 209 ms; at N=64 all 64 points in one pass are fastest.
+# at once stream B times one point's activations through memory between layers (the sweep behind
+# the value is in docs/benchmarks.md, "Engine constants").
 _PASS_BYTES = 128 << 20
 
 

@@ -78,22 +78,50 @@ class ManifoldEstimate(Result):
     details: dict = field(default_factory=dict)
 
     def plot(self):
-        """The estimator's trace (a matplotlib Figure): radii per direction, or the training
-        loss and the accepted scale of each connector."""
-        fig, (ax,) = figure(1)
+        """What the estimate rests on (a matplotlib Figure): radius, the histogram of the log
+        radii of the directions; simplex, the training loss of each connector against the
+        threshold; minima, the loss of each run's end point, those in the chosen simplex marked."""
+        what = {"radius": "radius along random directions", "simplex": "grown simplex",
+                "minima": "simplex of short training runs"}.get(self.estimator, self.estimator)
+        size = "empty (-inf)" if self.size == -math.inf else f"{self.size:.3g}"
+        k = "" if self.estimator == "radius" else f", k={self.dimension}"
+        fig, (ax,) = figure(1, f"Manifold size, {what}: {size}{k} ({self.units} units)")
         if self.estimator == "radius":
             logs = [math.log(t) for t in self.details.get("radii", []) if t > 0]
-            ax.hist(logs, bins=max(5, len(logs) // 3))
-            ax.axvline(self.size, color="C1", label=f"size {self.size:.3g}")
-            ax.set(xlabel=f"log radius ({self.units} units)", ylabel="directions")
-            ax.legend()
+            ax.hist(logs, bins=max(5, len(logs) // 3), label=f"directions ({len(logs)})")
+            if math.isfinite(self.size):
+                ax.axvline(self.size, color="C1", label=f"size: mean log radius {self.size:.3g}")
+            ax.set(xlabel=f"log radius: ln(largest step below the threshold), {self.units} units", ylabel="directions")
+        elif self.estimator == "minima" and "vertex_losses" in self.details:
+            losses = self.details["vertex_losses"]
+            chosen = set(self.details.get("subset", []))
+            colors = ["C0" if i in chosen else "0.7" for i in range(len(losses))]
+            ax.bar(range(len(losses)), losses, color=colors)
+            ax.bar([], [], color="C0", label=f"in the chosen simplex ({len(chosen)} of {len(losses)})")
+            if len(chosen) < len(losses):
+                ax.bar([], [], color="0.7", label="left out")
+            ax.set_xticks(range(len(losses)))
+            ax.set(xlabel="training run (its end point)", ylabel="loss")
         else:
             steps = [r for r in self.trace if r.get("kind") == "train"]
-            if steps:
-                ax.plot([r["loss"] for r in steps], lw=0.8, label="mean simplex loss")
-            ax.axhline(self.threshold, color="C3", ls="--", label="threshold")
-            ax.set(xlabel="training step", ylabel="loss", title=f"{self.estimator}: size {self.size:.3g}, k={self.dimension}")
-            ax.legend()
+            runs: List[List[int]] = []  # consecutive steps of one connector (repeats start anew)
+            for i, r in enumerate(steps):
+                if not runs or r.get("connector") != steps[i - 1].get("connector") or r.get("step") == 0:
+                    runs.append([])
+                runs[-1].append(i)
+            labelled = set()
+            for at in runs:
+                c = steps[at[0]].get("connector", 0)
+                ax.plot(at, [steps[i]["loss"] for i in at], lw=0.8, color=f"C{c % 10}",
+                        label=None if c in labelled else f"connector {c}: mean loss on the simplex")
+                labelled.add(c)
+            ax.set(xlabel="training step (all connectors in turn)", ylabel="loss")
+        if self.estimator != "radius":
+            ax.axhline(self.threshold, color="C3", ls="--", label=f"threshold τ {self.threshold:.4g}")
+            ax.axhline(self.anchor_loss, color="k", ls=":", label=f"anchor's loss {self.anchor_loss:.4g}")
+        if self.details.get("empty"):
+            ax.text(0.5, 0.5, self.details["empty"], ha="center", va="center", fontsize=8, transform=ax.transAxes)
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize=7)
         return fig
 
 
@@ -110,6 +138,19 @@ def threshold(anchor_loss: float, *, epsilon: float = 0.1, relative: bool = True
 def _check_positive_int(name: str, value, minimum: int = 1) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+
+
+def _training_data(data: Data, train_data: Optional[Data]) -> Data:
+    """What the estimators that train train on: ``train_data``, by default the probe set."""
+    train_set = data if train_data is None else train_data
+    if len(train_set[0]) == 0:
+        raise ValueError("train_data is empty: expected at least one example")
+    return train_set
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -293,6 +334,38 @@ def radius(
     _check_positive_int("bisect", bisect, 0)
     _check_positive_int("extend", extend, 0)
     space, anchor_loss, tau = _setup(model, data, units, tau, epsilon, relative, kw)
+    dirs = _unit_directions(space, directions, kind, ignore, seed)
+    R = len(dirs)
+    if not anchor_loss <= tau:
+        return _empty("radius", space, anchor_loss, tau, 1, start)
+    vertices = [space.anchor] + [space.moved(d) for d in dirs]
+    scale = space.norm({n: space.anchor[n] for n in space.names})
+    steps = torch.logspace(math.log10(lo), math.log10(hi), n_grid, dtype=torch.float64) * scale
+
+    def outside(rays: Tensor, ts: Tensor) -> Tensor:
+        """Whether the loss at anchor + ts[i] * d[rays[i]] exceeds tau."""
+        c = torch.zeros(len(rays), R + 1, dtype=torch.float64)
+        c[:, 0] = 1 - ts
+        c[torch.arange(len(rays)), rays + 1] = ts
+        return _losses(model, vertices, c, data, kw) > tau
+
+    bar = _bar(1 + extend + bisect, quiet, "radius")
+    trace: List[dict] = []
+    low, high, n_grid_eval = _bracket(outside, R, steps, extend, bar, trace)
+    censored = int(torch.isinf(high).sum())
+    n_eval = 1 + n_grid_eval + _bisect(outside, low, high, bisect, bar, trace)
+    bar.close()
+    logs = [math.log(t) if t > 0 else -math.inf for t in low.tolist()]
+    return ManifoldEstimate(
+        estimator="radius", size=sum(logs) / R, spread=_std(logs), dimension=1, threshold=tau,
+        anchor_loss=anchor_loss, units=space.units, n_evaluations=n_eval,
+        seconds=time.perf_counter() - start, trace=trace,
+        details={"radii": low.tolist(), "censored": censored, "directions": R})
+
+
+def _unit_directions(space: _Space, directions, kind: str, ignore: str, seed: int) -> List[P.State]:
+    """The directions of :func:`radius` (``directions`` random ones, or those given), each scaled
+    to unit length in the space's units."""
     if isinstance(directions, int):
         _check_positive_int("directions", directions)
         dirs = _directions(space, directions, kind, ignore, seed)
@@ -307,36 +380,27 @@ def radius(
             raise ValueError(f"direction {i} has zero length")
         for n in space.names:
             d[n] = d[n] / length
-    R = len(dirs)
-    n_eval = 1
-    trace = []
-    if not anchor_loss <= tau:
-        return _empty("radius", space, anchor_loss, tau, n_eval, start)
-    vertices = [space.anchor] + [space.moved(d) for d in dirs]
-    scale = space.norm({n: space.anchor[n] for n in space.names})
-    steps = torch.logspace(math.log10(lo), math.log10(hi), n_grid, dtype=torch.float64) * scale
+    return dirs
+
+
+def _bracket(outside: Callable[[Tensor, Tensor], Tensor], R: int, steps: Tensor, extend: int, bar,
+             trace: List[dict]) -> Tuple[Tensor, Tensor, int]:
+    """``(low, high, evaluations)``: for each of the R directions the last grid step inside S and
+    the first outside (inf when none), all directions' grid points in one evaluation a round;
+    directions still inside after the grid go further out by a factor 10 a round, ``extend``
+    times."""
     ratio = (steps[1] / steps[0]).item()
-
-    def along(rays: Tensor, ts: Tensor) -> Tensor:
-        """Losses at anchor + ts[i] * d[rays[i]]."""
-        c = torch.zeros(len(rays), R + 1, dtype=torch.float64)
-        c[:, 0] = 1 - ts
-        c[torch.arange(len(rays)), rays + 1] = ts
-        return _losses(model, vertices, c, data, kw)
-
-    bar = _bar(1 + extend + bisect, quiet, "radius")
     low = torch.zeros(R, dtype=torch.float64)
     high = torch.full((R,), math.inf, dtype=torch.float64)
-    pending = torch.arange(R)
+    pending, n_eval = torch.arange(R), 0
     for round_ in range(1 + extend):
         if len(pending) == 0:
             break
-        if round_ > 0:  # directions still inside: further out, by a factor 10 a round
+        if round_ > 0:
             steps = steps[-1] * ratio ** torch.arange(1, math.ceil(math.log(10) / math.log(ratio)) + 1,
                                                      dtype=torch.float64)
         rays = pending.repeat_interleave(len(steps))
-        ts = steps.repeat(len(pending))
-        out = (along(rays, ts) > tau).reshape(len(pending), len(steps))
+        out = outside(rays, steps.repeat(len(pending))).reshape(len(pending), len(steps))
         n_eval += len(rays)
         for i, r in enumerate(pending.tolist()):
             bad = out[i].nonzero().flatten()
@@ -349,28 +413,27 @@ def radius(
         pending = torch.isinf(high).nonzero().flatten()
         trace.append({"kind": "grid", "points": len(rays), "inside": len(pending)})
         bar.update()
-    censored = len(pending)
-    active = torch.isfinite(high).nonzero().flatten()
-    for _ in range(bisect):
+    return low, high, n_eval
+
+
+def _bisect(outside: Callable[[Tensor, Tensor], Tensor], low: Tensor, high: Tensor, rounds: int, bar,
+            trace: List[dict]) -> int:
+    """Narrow every finite bracket ``[low, high]`` in place by ``rounds`` geometric bisections,
+    all directions in one evaluation a round; returns the evaluations spent."""
+    active, n_eval = torch.isfinite(high).nonzero().flatten(), 0
+    for _ in range(rounds):
         if len(active) == 0:
             break
         l, h = low[active], high[active]
         mid = torch.where(l > 0, (l * h).sqrt(), h / 2)
-        out = along(active, mid) > tau
+        out = outside(active, mid)
         n_eval += len(active)
         high[active] = torch.where(out, mid, h)
         low[active] = torch.where(out, l, mid)
         trace.append({"kind": "bisect", "points": len(active),
                       "max_ratio": (high[active] / low[active].clamp_min(1e-300)).max().item()})
         bar.update()
-    bar.close()
-    logs = [math.log(t) if t > 0 else -math.inf for t in low.tolist()]
-    size = sum(logs) / R
-    return ManifoldEstimate(
-        estimator="radius", size=size, spread=_std(logs), dimension=1, threshold=tau,
-        anchor_loss=anchor_loss, units=space.units, n_evaluations=n_eval,
-        seconds=time.perf_counter() - start, trace=trace,
-        details={"radii": low.tolist(), "censored": censored, "directions": R})
+    return n_eval
 
 
 # ----------------------------------------------------------------------------- simplexes
@@ -559,43 +622,34 @@ def simplex(
     _check_positive_int("line_search", line_search, 0)
     _check_positive_int("doublings", doublings, 0)
     _check_fraction("quantile", quantile)
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr}")
-    if not lam > 0:
-        raise ValueError(f"lam must be positive, got {lam}")
+    for name, v in (("lr", lr), ("lam", lam), ("init", init)):
+        _check_positive(name, v)
     if objective not in ("threshold", "benton"):
         raise ValueError(f"objective must be 'threshold' or 'benton', got {objective!r}")
-    if not init > 0:
-        raise ValueError(f"init must be positive, got {init}")
     ev_kw = _evaluation_options(kw)
-    loss, bn = ev_kw["loss"], ev_kw["bn"]
     space, anchor_loss, tau = _setup(model, data, units, tau, epsilon, relative, ev_kw)
-    train_set = data if train_data is None else train_data
-    if len(train_set[0]) == 0:
-        raise ValueError("train_data is empty: expected at least one example")
+    train_set = _training_data(data, train_data)
     trace: List[dict] = []
     n_eval = 1
     if not anchor_loss <= tau:
         empty = _empty("simplex", space, anchor_loss, tau, n_eval, start)
         return (empty, [space.anchor]) if return_vertices else empty
     bar = _bar(repeats * k * steps, quiet, "simplex")
-    sizes, dims, log_volumes, first = [], [], [], None
+    grown = []
     for r in range(repeats):
         vertices, spent = _grow(model, space, data, train_set, tau, k=k, steps=steps, points=points,
                                 batch_size=batch_size, lr=lr, lam=lam, objective=objective,
                                 init=init, samples=samples,
                                 quantile=quantile, line_search=line_search, doublings=doublings,
-                                seed=seed + r, loss=loss, bn=bn,
+                                seed=seed + r, loss=ev_kw["loss"], bn=ev_kw["bn"],
                                 kw=ev_kw, bar=bar, trace=trace)
         n_eval += spent
-        dim = len(vertices) - 1
-        logv = space.log_volume(vertices) if dim > 0 else -math.inf
-        dims.append(dim)
-        log_volumes.append(logv)
-        sizes.append(logv / dim if dim > 0 else -math.inf)
-        if first is None:
-            first = vertices
+        grown.append(vertices)
     bar.close()
+    first = grown[0]
+    dims = [len(v) - 1 for v in grown]
+    log_volumes = [space.log_volume(v) if len(v) > 1 else -math.inf for v in grown]
+    sizes = [lv / d if d > 0 else -math.inf for lv, d in zip(log_volumes, dims)]
     vertex_losses = _losses(model, first, torch.eye(len(first)), data, ev_kw).tolist()
     n_eval += len(first)
     est = ManifoldEstimate(
@@ -736,21 +790,17 @@ def minima(
         _check_positive_int(name, v)
     if m < 2:
         raise ValueError(f"m must be at least 2 (a simplex needs two end points), got {m}")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr}")
+    _check_positive("lr", lr)
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
     ev_kw = _evaluation_options(kw)
-    loss = ev_kw["loss"]
     space, anchor_loss, tau = _setup(model, data, units, tau, epsilon, relative, ev_kw)
-    train_set = data if train_data is None else train_data
-    if len(train_set[0]) == 0:
-        raise ValueError("train_data is empty: expected at least one example")
+    train_set = _training_data(data, train_data)
     bar = _bar(m, quiet, "minima")
     ends, trace = [], []
     for i in range(m):
         ends.append(_train_copy(model, train_set, epochs=epochs, lr=lr, batch_size=batch_size,
-                                seed=seed + i, loss=loss, optimizer=optimizer))
+                                seed=seed + i, loss=ev_kw["loss"], optimizer=optimizer))
         trace.append({"kind": "run", "run": i})
         bar.update()
     bar.close()

@@ -66,15 +66,23 @@ class PathResult(Result):
     accuracy: List[float]
     seconds: float = 0.0
 
-    def plot(self):
-        """Loss and accuracy against t (a matplotlib Figure)."""
-        fig, (ax1, ax2) = figure(2)
-        ax1.plot(self.t, self.loss, ".-")
-        ax1.set(xlabel="t", ylabel="loss")
-        ax2.plot(self.t, self.accuracy, ".-")
-        ax2.set(xlabel="t", ylabel="accuracy")
-        for ax in (ax1, ax2):
-            ax.axvspan(0, 1, color="0.93", zorder=0)
+    def plot(self, title: Optional[str] = None):
+        """Loss and accuracy (in %) against t, the end points marked, t outside [0, 1] (an
+        extrapolation) set apart by shading [0, 1] (a matplotlib Figure)."""
+        fig, (ax1, ax2) = figure(2, title or f"Loss and accuracy along (1 - t)·a + t·b ({len(self.t)} points)")
+        acc = [100 * v for v in self.accuracy]
+        ends = [i for i, t in enumerate(self.t) if min(abs(t), abs(t - 1)) < 1e-9]
+        extrapolates = any(t < 0 or t > 1 for t in self.t)
+        for ax, ys, label in ((ax1, self.loss, "loss"), (ax2, acc, "accuracy (%)")):
+            ax.plot(self.t, ys, ".-", ms=4, label="interpolated points")
+            if ends:
+                ax.plot([self.t[i] for i in ends], [ys[i] for i in ends], "s", color="C3", ms=6,
+                        label="end points a (t=0), b (t=1)")
+            if extrapolates:
+                ax.axvspan(0, 1, color="0.93", zorder=0, label="between a and b (outside: extrapolated)")
+            ax.set(xlabel="t (0: a, 1: b)", ylabel=label)
+            ax.grid(alpha=0.3)
+        fig.legend(*ax1.get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=7)
         return fig
 
 
@@ -104,14 +112,28 @@ class BarrierResult(Result):
     path: dict = field(default_factory=dict)  # a PathResult of every point evaluated, as a dict
 
     def plot(self):
-        """The path, with the barrier marked (a matplotlib Figure)."""
+        """The path, with the barriers marked: the straight line between the end points' values
+        (dashed), where the path rises furthest above it (the vertical line) and by how much
+        (a matplotlib Figure)."""
         p = PathResult(**self.path)
-        fig = p.plot()
-        ax = fig.axes[0]
-        l0, l1 = p.loss[0], p.loss[-1]
-        ax.plot([0, 1], [l0, l1], "--", color="0.5")
-        ax.axvline(self.t_max, color="C3", lw=0.8)
-        ax.set_title(f"barrier {self.barrier_loss:.4g} at t={self.t_max:.3f}")
+        fig = p.plot(title=f"Loss barrier between a (t=0) and b (t=1): {self.barrier_loss:.4g} at "
+                           f"t={self.t_max:.3f} ({len(p.t)} points, refined around the maximum)")
+        ax1, ax2 = fig.axes[:2]
+        acc = [100 * v for v in p.accuracy]
+        for ax, ys, t_max, height, what in (
+                (ax1, p.loss, self.t_max, self.barrier_loss, f"loss barrier {self.barrier_loss:.4g}"),
+                (ax2, acc, self.t_max_error, -100 * self.barrier_error,
+                 f"error barrier {100 * self.barrier_error:.3g} points")):
+            line = (1 - t_max) * ys[0] + t_max * ys[-1]
+            ax.plot([0, 1], [ys[0], ys[-1]], "--", color="0.5", label="straight line between the end points")
+            ax.plot([t_max, t_max], [line, line + height], color="C3", lw=2.5, label=f"{what} at t={t_max:.3f}")
+        for legend in list(fig.legends):
+            legend.remove()
+        handles, labels = ax1.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        fig.legend(handles + h2[-1:], labels + l2[-1:], loc="outside lower center", ncols=3, fontsize=7)
+        ax1.set_title("loss: excess over the straight line", fontsize=9)
+        ax2.set_title("accuracy: shortfall below the straight line", fontsize=9)
         return fig
 
 
@@ -166,12 +188,13 @@ class PlaneResult(Result):
     seconds: float = 0.0
 
     def plot(self, levels: int = 20):
-        """Contours of the loss over the plane (a matplotlib Figure)."""
-        fig, (ax,) = figure(1)
+        """Contours of the loss over the plane, the centre marked (a matplotlib Figure)."""
+        fig, (ax,) = figure(1, "Loss on the plane centre + α·d1 + β·d2")
         cs = ax.contourf(self.alpha, self.beta, torch.tensor(self.loss).T.numpy(), levels=levels)
         fig.colorbar(cs, ax=ax, label="loss")
-        ax.plot([0], [0], "k+")
-        ax.set(xlabel="alpha (d1)", ylabel="beta (d2)")
+        ax.plot([0], [0], "w+", ms=10, mew=2, label="centre (α = β = 0)")
+        ax.set(xlabel="α (multiples of direction d1)", ylabel="β (multiples of direction d2)")
+        ax.legend(fontsize=7, loc="upper right")
         return fig
 
 
@@ -218,15 +241,25 @@ class SimplexResult(Result):
     seconds: float = 0.0
 
     def plot(self):
-        """Histogram of the losses (a matplotlib Figure)."""
-        fig, (ax,) = figure(1)
-        ax.hist([v for v in self.loss if math.isfinite(v)], bins=30)
-        ax.set(xlabel="loss", ylabel="points")
+        """Histogram of the losses, their median marked (a matplotlib Figure)."""
+        n, k = len(self.loss), len(self.weights[0]) if self.weights else 0
+        where = (f"the simplex of {k} vertices" if len(self.log_volumes) <= 1
+                 else f"a complex of {len(self.log_volumes)} simplices over {k} vertices")
+        fig, (ax,) = figure(1, f"Loss at {n} points drawn uniformly from {where}")
+        finite = [v for v in self.loss if math.isfinite(v)]
+        ax.hist(finite, bins=30, color="C0", label="sampled points")
+        if finite:
+            median = sorted(finite)[len(finite) // 2]
+            ax.axvline(median, color="C3", ls="--", label=f"median {median:.4g}")
+        if len(finite) < n:
+            ax.plot([], [], " ", label=f"{n - len(finite)} non-finite losses left out")
+        ax.set(xlabel="loss", ylabel=f"points (of {n})")
+        ax.legend(fontsize=7)
         return fig
 
 
-def simplex(vertices: Sequence, data, *, n: int = 256, complex: Optional[Sequence[Sequence[int]]] = None,
-            model: Optional[nn.Module] = None, seed: int = 0, **kw) -> SimplexResult:
+def simplex_losses(vertices: Sequence, data, *, n: int = 256, complex: Optional[Sequence[Sequence[int]]] = None,
+                   model: Optional[nn.Module] = None, seed: int = 0, **kw) -> SimplexResult:
     """Losses at ``n`` points drawn uniformly from the simplex of ``vertices`` (Dirichlet(1)
     weights), or from a complex of simplices (lists of vertex indices), each chosen in proportion
     to its volume (Benton et al. 2021)."""
@@ -273,11 +306,16 @@ class RaysResult(Result):
     seconds: float = 0.0
 
     def plot(self):
-        """Every ray's loss against the radius (a matplotlib Figure)."""
-        fig, (ax,) = figure(1)
-        for row in self.loss:
-            ax.plot(self.radii, row, color="C0", alpha=0.4)
-        ax.set(xlabel="radius (filter-normalised units)", ylabel="loss")
+        """Every ray's loss against the radius, and their mean (a matplotlib Figure)."""
+        fig, (ax,) = figure(1, f"Loss along {len(self.loss)} random directions from the centre")
+        for i, row in enumerate(self.loss):
+            ax.plot(self.radii, row, color="C0", alpha=0.4, lw=1, label="one direction" if i == 0 else None)
+        if self.loss:
+            mean = torch.tensor(self.loss, dtype=torch.float64).mean(0).tolist()
+            ax.plot(self.radii, mean, color="k", lw=2, label="mean over directions")
+        ax.set(xlabel="radius r (multiples of each direction,\nfilter-normalised by default)", ylabel="loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
         return fig
 
 

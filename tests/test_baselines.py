@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from manifold_ext import baselines as B
+from manifold_ext import baselines
 from manifold_ext import params as P
 
 from _untouched import assert_untouched, snapshot
@@ -83,20 +83,20 @@ def exact_hessian(model, x, y):
 
 def test_parameter_count_counts_trainable_parameters_once():
     m = tanh_mlp()
-    assert B.parameter_count(m) == 5 * 4 + 4 + 4 * 3 + 3 == 39
+    assert baselines.parameter_count(m) == 5 * 4 + 4 + 4 * 3 + 3 == 39
     m[0].weight.requires_grad_(False)
-    assert B.parameter_count(m) == 19
+    assert baselines.parameter_count(m) == 19
     tied = nn.Sequential(nn.Linear(3, 3, bias=False), nn.Linear(3, 3, bias=False))
     tied[1].weight = tied[0].weight
-    assert B.parameter_count(tied) == 9
-    assert B.parameter_count(bn_mlp()) == 39 + 8  # BatchNorm's weight and bias, not its buffers
+    assert baselines.parameter_count(tied) == 9
+    assert baselines.parameter_count(bn_mlp()) == 39 + 8  # BatchNorm's weight and bias, not its buffers
 
 
 @pytest.mark.parametrize("make", list(MODELS))
 def test_loss_and_accuracy_match_cross_entropy_in_eval_mode(make):
     model = MODELS[make]().train()
     x, y = DATA
-    loss, acc = B.loss_and_accuracy(model, DATA)
+    loss, acc = baselines.loss_and_accuracy(model, DATA)
     ref = copy.deepcopy(model).eval()
     with torch.no_grad():
         logits = ref(x)
@@ -111,8 +111,8 @@ def test_gradient_norm_and_snip_match_autograd_on_the_full_batch(make):
     _, params, grads = full_batch_grad(model, *DATA)
     norm = torch.sqrt(sum(g.pow(2).sum() for g in grads)).item()
     saliency = sum((p * g).abs().sum() for p, g in zip(params, grads)).item()
-    assert B.gradient_norm(model, DATA) == pytest.approx(norm, rel=1e-10)
-    assert B.snip(model, DATA) == pytest.approx(saliency, rel=1e-10)
+    assert baselines.gradient_norm(model, DATA) == pytest.approx(norm, rel=1e-10)
+    assert baselines.snip(model, DATA) == pytest.approx(saliency, rel=1e-10)
     assert norm > 0.05 and saliency > 0.05
 
 
@@ -125,7 +125,7 @@ def test_synflow_is_depth_times_R_on_a_bias_free_linear_network(dtype):
     for layer in net:
         h = h @ layer.weight.detach().double().abs().T
     R = h.sum().item()
-    assert B.synflow(net, input_shape=(5,)) == pytest.approx(len(net) * R, rel=1e-12)
+    assert baselines.synflow(net, input_shape=(5,)) == pytest.approx(len(net) * R, rel=1e-12)
     assert R > 1.0
 
 
@@ -144,7 +144,7 @@ def test_synflow_matches_a_manual_autograd_computation(make):
                 t.abs_()
     m(torch.ones(1, 5, dtype=F64)).sum().backward()
     expected = sum((p * p.grad).sum() for p in m.parameters()).item()
-    assert B.synflow(model, input_shape=[5]) == pytest.approx(expected, rel=1e-12)
+    assert baselines.synflow(model, input_shape=[5]) == pytest.approx(expected, rel=1e-12)
     assert_untouched(model, snap)
 
 
@@ -158,8 +158,8 @@ def test_fisher_matches_a_loop_over_examples(make):
     for i in range(len(x)):
         gs = torch.autograd.grad(F.cross_entropy(m(x[i:i + 1]), y[i:i + 1]), params)
         total += sum(g.pow(2).sum() for g in gs).item()
-    assert B.fisher(model, DATA) == pytest.approx(total / len(x), rel=1e-10)
-    assert B.fisher(model, DATA, batch_size=4) == pytest.approx(total / len(x), rel=1e-10)
+    assert baselines.fisher(model, DATA) == pytest.approx(total / len(x), rel=1e-10)
+    assert baselines.fisher(model, DATA, batch_size=4) == pytest.approx(total / len(x), rel=1e-10)
 
 
 def jacob_cov_reference(model, x, idx, k=1e-5):
@@ -182,7 +182,7 @@ def test_jacob_cov_matches_an_explicit_computation(n, seed):
     x, _ = JX
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[: min(n, len(x))]
     expected = jacob_cov_reference(model, x, idx)
-    assert B.jacob_cov(model, JX, n=n, seed=seed) == pytest.approx(expected, rel=1e-9)
+    assert baselines.jacob_cov(model, JX, n=n, seed=seed) == pytest.approx(expected, rel=1e-9)
     worst = -min(n, len(x)) * (math.log(1e-5) + 1e5)
     assert expected > worst / 10  # far from degenerate, so the comparison means something
 
@@ -208,12 +208,12 @@ def test_jacob_cov_gives_degenerate_rows_a_zero_eigenvalue_not_nan():
     assert 2 <= len(alive) and dead >= 2
     k = 1e-5
     expected = jacob_cov_reference(model, x, alive) - dead * (math.log(k) + 1 / k)
-    got = B.jacob_cov(model, JX, n=len(x))
+    got = baselines.jacob_cov(model, JX, n=len(x))
     assert math.isfinite(got)
     assert got == pytest.approx(expected, rel=1e-9)
     zero = nn.Sequential(nn.Linear(24, 3)).double()
     nn.init.zeros_(zero[0].weight)
-    assert B.jacob_cov(zero, JX, n=len(x)) == pytest.approx(-len(x) * (math.log(k) + 1 / k), rel=1e-12)
+    assert baselines.jacob_cov(zero, JX, n=len(x)) == pytest.approx(-len(x) * (math.log(k) + 1 / k), rel=1e-12)
 
 
 def test_hessian_trace_is_within_hutchinson_error_of_the_exact_trace():
@@ -225,7 +225,7 @@ def test_hessian_trace_is_within_hutchinson_error_of_the_exact_trace():
     assert off > 1e-4  # the estimator has variance here; no luck involved in passing
     for probes in (256, 2048):
         se = math.sqrt(2 * off / probes)  # Var(v^T H v) = 2 sum_{i != j} H_ij^2 for Rademacher v
-        est = B.hessian_trace(model, DATA, probes=probes, seed=0)
+        est = baselines.hessian_trace(model, DATA, probes=probes, seed=0)
         assert est.samples == probes
         assert abs(est.value - exact) < 4 * se, (probes, est, exact, se)
         if probes == 2048:  # a bound sqrt(8) times tighter than at 256 probes; the reported error is right
@@ -248,7 +248,7 @@ class Quadratic(nn.Module):
 
 def test_hessian_trace_is_exact_for_a_diagonal_hessian():
     A = torch.diag(torch.tensor([3.0, -1.0, 0.5, 2.0], dtype=F64))
-    est = B.hessian_trace(Quadratic(A), (DATA[0], torch.ones(23, dtype=torch.long)), probes=5, seed=3)
+    est = baselines.hessian_trace(Quadratic(A), (DATA[0], torch.ones(23, dtype=torch.long)), probes=5, seed=3)
     assert est.value == pytest.approx(A.trace().item() / 2, rel=1e-12)
     assert est.stderr == pytest.approx(0.0, abs=1e-12)
 
@@ -258,22 +258,22 @@ def test_hessian_top_eigenvalue_matches_eigvalsh(make):
     model = MODELS[make](2)
     H = exact_hessian(model, *DATA)
     evals = torch.linalg.eigvalsh(H)
-    got = B.hessian_top_eigenvalue(model, DATA)
+    got = baselines.hessian_top_eigenvalue(model, DATA)
     assert got == pytest.approx(evals[-1].item(), rel=1e-3)
-    assert B.hessian_top_eigenvalue(model, DATA, tol=1e-10) == pytest.approx(evals[-1].item(), rel=1e-8)
+    assert baselines.hessian_top_eigenvalue(model, DATA, tol=1e-10) == pytest.approx(evals[-1].item(), rel=1e-8)
 
 
 def test_hessian_top_eigenvalue_is_the_largest_algebraic_not_largest_magnitude():
     Q, _ = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(0), dtype=F64))
     A = Q @ torch.diag(torch.tensor([-8.0, 1.0, 0.6, -0.2], dtype=F64)) @ Q.T
-    got = B.hessian_top_eigenvalue(Quadratic(A), (DATA[0], torch.ones(23, dtype=torch.long)))
+    got = baselines.hessian_top_eigenvalue(Quadratic(A), (DATA[0], torch.ones(23, dtype=torch.long)))
     assert got == pytest.approx(0.5, rel=1e-6)  # eigenvalues of A / 2: -4, 0.5, 0.3, -0.1
 
 
 def test_hessian_top_eigenvalue_warns_when_iters_run_out():
     model = tanh_mlp(2)
     with pytest.warns(RuntimeWarning, match=r"did not converge in iters=3"):
-        B.hessian_top_eigenvalue(model, DATA, iters=3)
+        baselines.hessian_top_eigenvalue(model, DATA, iters=3)
 
 
 @pytest.mark.parametrize("make", list(MODELS))
@@ -288,7 +288,7 @@ def test_sam_sharpness_matches_a_manual_ascent_step(make, rho):
         for (n, p), g in zip(m.named_parameters(), grads):
             p += rho * g / norm
     expected = ce(m, x, y) - loss
-    got = B.sam_sharpness(model, DATA, rho=rho)
+    got = baselines.sam_sharpness(model, DATA, rho=rho)
     assert got == pytest.approx(expected, rel=1e-10)
     assert got > 0
 
@@ -310,7 +310,7 @@ def test_perturbation_flatness_matches_loading_each_perturbed_state(make, kind):
         m.load_state_dict({k: v + sigma * d[k] if v.is_floating_point() else v for k, v in state.items()})
         diffs.append(ce(m, x, y) - base)
     diffs = torch.tensor(diffs, dtype=F64)
-    est = B.perturbation_flatness(model, DATA, sigma=sigma, n=n, seed=seed, kind=kind)
+    est = baselines.perturbation_flatness(model, DATA, sigma=sigma, n=n, seed=seed, kind=kind)
     assert est.value == pytest.approx(diffs.mean().item(), rel=1e-8, abs=1e-12)
     assert est.stderr == pytest.approx((diffs.std() / math.sqrt(n)).item(), rel=1e-6, abs=1e-12)
     assert float(est) == est.value and est.samples == n
@@ -321,16 +321,16 @@ def test_perturbation_flatness_matches_loading_each_perturbed_state(make, kind):
 # ----------------------------------------------------------------------------- properties
 
 METRICS = {
-    "loss": lambda m, d, **kw: B.loss_and_accuracy(m, d, **kw).loss,
-    "accuracy": lambda m, d, **kw: B.loss_and_accuracy(m, d, **kw).accuracy,
-    "grad_norm": B.gradient_norm,
-    "snip": B.snip,
-    "fisher": B.fisher,
-    "jacob_cov": lambda m, d, **kw: B.jacob_cov(m, d, n=16, **kw),
-    "hessian_trace": lambda m, d, **kw: B.hessian_trace(m, d, probes=8, **kw).value,
-    "hessian_top_eig": lambda m, d, **kw: B.hessian_top_eigenvalue(m, d, **kw),
-    "sam_sharpness": B.sam_sharpness,
-    "perturbation_flatness": lambda m, d, **kw: B.perturbation_flatness(m, d, n=4, **kw).value,
+    "loss": lambda m, d, **kw: baselines.loss_and_accuracy(m, d, **kw).loss,
+    "accuracy": lambda m, d, **kw: baselines.loss_and_accuracy(m, d, **kw).accuracy,
+    "grad_norm": baselines.gradient_norm,
+    "snip": baselines.snip,
+    "fisher": baselines.fisher,
+    "jacob_cov": lambda m, d, **kw: baselines.jacob_cov(m, d, n=16, **kw),
+    "hessian_trace": lambda m, d, **kw: baselines.hessian_trace(m, d, probes=8, **kw).value,
+    "hessian_top_eig": lambda m, d, **kw: baselines.hessian_top_eigenvalue(m, d, **kw),
+    "sam_sharpness": baselines.sam_sharpness,
+    "perturbation_flatness": lambda m, d, **kw: baselines.perturbation_flatness(m, d, n=4, **kw).value,
 }
 
 
@@ -345,10 +345,10 @@ def test_chunking_does_not_change_the_result(name, make):
 
 
 RANDOM = {
-    "jacob_cov": lambda m, seed: B.jacob_cov(m, DATA, n=10, seed=seed),
-    "hessian_trace": lambda m, seed: B.hessian_trace(m, DATA, probes=4, seed=seed).value,
-    "perturbation_flatness": lambda m, seed: B.perturbation_flatness(m, DATA, n=3, seed=seed).value,
-    "hessian_top_eig": lambda m, seed: B.hessian_top_eigenvalue(m, DATA, iters=4, tol=1e-12, seed=seed),
+    "jacob_cov": lambda m, seed: baselines.jacob_cov(m, DATA, n=10, seed=seed),
+    "hessian_trace": lambda m, seed: baselines.hessian_trace(m, DATA, probes=4, seed=seed).value,
+    "perturbation_flatness": lambda m, seed: baselines.perturbation_flatness(m, DATA, n=3, seed=seed).value,
+    "hessian_top_eig": lambda m, seed: baselines.hessian_top_eigenvalue(m, DATA, iters=4, tol=1e-12, seed=seed),
 }
 
 
@@ -364,8 +364,8 @@ def test_seeded_metrics_are_deterministic_and_leave_the_global_rng_alone(name):
     assert a != c  # (top eig: a stopped-early estimate, so the start vector shows)
 
 
-ALL = dict(METRICS, parameters=lambda m, d, **kw: B.parameter_count(m),
-           synflow=lambda m, d, **kw: B.synflow(m, input_shape=(5,)))
+ALL = dict(METRICS, parameters=lambda m, d, **kw: baselines.parameter_count(m),
+           synflow=lambda m, d, **kw: baselines.synflow(m, input_shape=(5,)))
 
 
 @pytest.mark.parametrize("name", list(ALL))
@@ -383,41 +383,41 @@ def test_every_metric_leaves_the_model_untouched(name):
 
 def test_compute_baselines_reports_every_metric_and_round_trips_through_json(tmp_path):
     model = bn_mlp()
-    report = B.compute_baselines(model, DATA, input_shape=(5,), seed=2, quiet=True)
-    assert list(report.values) == list(B.BASELINES) == list(report.seconds)
+    report = baselines.compute_baselines(model, DATA, input_shape=(5,), seed=2, quiet=True)
+    assert list(report.values) == list(baselines.BASELINES) == list(report.seconds)
     assert set(report.stderr) == {"hessian_trace", "perturbation_flatness"}
     assert all(isinstance(v, float) and math.isfinite(v) for v in report.values.values())
     assert all(s >= 0 for s in report.seconds.values())
     assert report.values["parameters"] == 47
     assert report.values["loss"] == pytest.approx(ce(model, *DATA), rel=1e-12)
-    assert report.values["hessian_trace"] == B.hessian_trace(model, DATA, seed=2).value
-    assert report.values["perturbation_flatness"] == B.perturbation_flatness(model, DATA, seed=2).value
-    assert report.values["synflow"] == B.synflow(model, input_shape=(5,))
+    assert report.values["hessian_trace"] == baselines.hessian_trace(model, DATA, seed=2).value
+    assert report.values["perturbation_flatness"] == baselines.perturbation_flatness(model, DATA, seed=2).value
+    assert report.values["synflow"] == baselines.synflow(model, input_shape=(5,))
     text = report.to_json(tmp_path / "r.json")
     assert json.loads(text)["type"] == "BaselineReport"
-    assert B.BaselineReport.from_json(text) == report
-    assert B.BaselineReport.from_json(tmp_path / "r.json") == report
-    assert all(b.orientation in (1, -1) and b.description for b in B.BASELINES.values())
+    assert baselines.BaselineReport.from_json(text) == report
+    assert baselines.BaselineReport.from_json(tmp_path / "r.json") == report
+    assert all(b.orientation in (1, -1) and b.description for b in baselines.BASELINES.values())
 
 
 def test_compute_baselines_include_selects_in_registry_order():
     model = tanh_mlp()
-    report = B.compute_baselines(model, DATA, include=["snip", "parameters", "accuracy"], quiet=True)
+    report = baselines.compute_baselines(model, DATA, include=["snip", "parameters", "accuracy"], quiet=True)
     assert list(report.values) == ["parameters", "accuracy", "snip"]
-    assert report.values["snip"] == B.snip(model, DATA)
-    assert list(B.compute_baselines(model, DATA, include="loss", quiet=True).values) == ["loss"]
+    assert report.values["snip"] == baselines.snip(model, DATA)
+    assert list(baselines.compute_baselines(model, DATA, include="loss", quiet=True).values) == ["loss"]
     with pytest.raises(ValueError, match=r"include has unknown baseline names \['hessian'\]; valid names "
                                          r"are \['parameters', 'loss'.*'perturbation_flatness'\]"):
-        B.compute_baselines(model, DATA, include=["snip", "hessian"])
+        baselines.compute_baselines(model, DATA, include=["snip", "hessian"])
 
 
 def test_compute_baselines_names_the_failing_metric(monkeypatch):
     def broken(*args, **kwargs):
         raise ValueError("hessian_trace failed")
 
-    monkeypatch.setattr(B, "hessian_trace", broken)
+    monkeypatch.setattr(baselines, "hessian_trace", broken)
     with pytest.raises(ValueError, match="hessian_trace failed") as info:
-        B.compute_baselines(tanh_mlp(), DATA, include=["loss", "hessian_trace"], quiet=True)
+        baselines.compute_baselines(tanh_mlp(), DATA, include=["loss", "hessian_trace"], quiet=True)
     assert "while computing baseline 'hessian_trace'" in info.value.__notes__
 
 
@@ -426,7 +426,7 @@ def test_jacob_cov_called_directly_on_tokens_says_why():
     tokens = torch.randint(0, 7, (10, 2), generator=torch.Generator().manual_seed(0))
     data = (tokens, torch.randint(0, 3, (10,), generator=torch.Generator().manual_seed(1)))
     with pytest.raises(ValueError, match="jacob_cov needs floating-point inputs"):
-        B.jacob_cov(model, data)
+        baselines.jacob_cov(model, data)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -434,27 +434,27 @@ def test_jacob_cov_called_directly_on_tokens_says_why():
 M = tanh_mlp()
 X, Y = DATA
 ERRORS = {
-    "empty": (lambda: B.loss_and_accuracy(M, (X[:0], Y[:0])),
+    "empty": (lambda: baselines.loss_and_accuracy(M, (X[:0], Y[:0])),
               r"data is empty: expected at least one example, got inputs of shape \(0, 5\)"),
-    "lengths": (lambda: B.gradient_norm(M, (X, Y[:-1])),
+    "lengths": (lambda: baselines.gradient_norm(M, (X, Y[:-1])),
                 r"inputs and targets disagree on the number of examples: 23 inputs and targets of shape \(22,\)"),
-    "float_targets": (lambda: B.snip(M, (X, Y.double())),
+    "float_targets": (lambda: baselines.snip(M, (X, Y.double())),
                       r"loss=.cross_entropy. expects integer class indices as targets, got dtype torch.float64"),
-    "not_a_pair": (lambda: B.fisher(M, X[:2]), r"expected data to be a pair \(inputs, targets\) of tensors, got a Tensor"),
-    "batch_size": (lambda: B.fisher(M, DATA, batch_size=0),
+    "not_a_pair": (lambda: baselines.fisher(M, X[:2]), r"expected data to be a pair \(inputs, targets\) of tensors, got a Tensor"),
+    "batch_size": (lambda: baselines.fisher(M, DATA, batch_size=0),
                    r"batch_size must be None \(all at once\) or an integer >= 1, got 0"),
-    "jacob_n": (lambda: B.jacob_cov(M, DATA, n=0), r"n must be an integer >= 1, got 0"),
-    "probes": (lambda: B.hessian_trace(M, DATA, probes=0), r"probes must be an integer >= 1, got 0"),
-    "iters": (lambda: B.hessian_top_eigenvalue(M, DATA, iters=0), r"iters must be an integer >= 1, got 0"),
-    "tol": (lambda: B.hessian_top_eigenvalue(M, DATA, tol=0.0), r"tol must be a finite number > 0, got 0.0"),
-    "rho": (lambda: B.sam_sharpness(M, DATA, rho=0), r"rho must be a finite number > 0, got 0"),
-    "sigma": (lambda: B.perturbation_flatness(M, DATA, sigma=-0.1), r"sigma must be a finite number > 0, got -0.1"),
-    "flatness_n": (lambda: B.perturbation_flatness(M, DATA, n=0), r"n must be an integer >= 1, got 0"),
-    "kind": (lambda: B.perturbation_flatness(M, DATA, kind="layer"),
+    "jacob_n": (lambda: baselines.jacob_cov(M, DATA, n=0), r"n must be an integer >= 1, got 0"),
+    "probes": (lambda: baselines.hessian_trace(M, DATA, probes=0), r"probes must be an integer >= 1, got 0"),
+    "iters": (lambda: baselines.hessian_top_eigenvalue(M, DATA, iters=0), r"iters must be an integer >= 1, got 0"),
+    "tol": (lambda: baselines.hessian_top_eigenvalue(M, DATA, tol=0.0), r"tol must be a finite number > 0, got 0.0"),
+    "rho": (lambda: baselines.sam_sharpness(M, DATA, rho=0), r"rho must be a finite number > 0, got 0"),
+    "sigma": (lambda: baselines.perturbation_flatness(M, DATA, sigma=-0.1), r"sigma must be a finite number > 0, got -0.1"),
+    "flatness_n": (lambda: baselines.perturbation_flatness(M, DATA, n=0), r"n must be an integer >= 1, got 0"),
+    "kind": (lambda: baselines.perturbation_flatness(M, DATA, kind="layer"),
              r"kind must be 'filter' or 'gaussian', got 'layer'"),
-    "input_shape": (lambda: B.synflow(M, input_shape=(5, 0)),
+    "input_shape": (lambda: baselines.synflow(M, input_shape=(5, 0)),
                     r"input_shape must be a sequence of positive integers .*got \(5, 0\)"),
-    "report_empty": (lambda: B.compute_baselines(M, (X[:0], Y[:0])), r"data is empty: expected at least one example"),
+    "report_empty": (lambda: baselines.compute_baselines(M, (X[:0], Y[:0])), r"data is empty: expected at least one example"),
 }
 
 
@@ -468,9 +468,9 @@ def test_bad_input_is_a_value_error_naming_argument_expected_and_actual(case):
 def test_models_without_trainable_parameters_and_non_modules_are_rejected():
     frozen = tanh_mlp().requires_grad_(False)
     with pytest.raises(ValueError, match=r"at least one trainable parameter \(requires_grad\), got 0"):
-        B.gradient_norm(frozen, DATA)
+        baselines.gradient_norm(frozen, DATA)
     with pytest.raises(TypeError, match=r"model must be an nn.Module, got dict"):
-        B.parameter_count({})
+        baselines.parameter_count({})
 
 
 def test_token_inputs_leave_input_based_metrics_nan():
@@ -479,6 +479,6 @@ def test_token_inputs_leave_input_based_metrics_nan():
     model = TinyTransformer(7, 3, 8, 2, 4)
     x = torch.randint(0, 7, (20, 3))
     y = torch.randint(0, 4, (20,))
-    report = B.compute_baselines(model, (x, y), quiet=True)
+    report = baselines.compute_baselines(model, (x, y), quiet=True)
     assert math.isnan(report.values["synflow"]) and math.isnan(report.values["jacob_cov"])
     assert all(math.isfinite(v) for k, v in report.values.items() if k not in ("synflow", "jacob_cov"))

@@ -1,5 +1,6 @@
 import importlib.machinery
 import os
+import re
 import shutil
 
 import pytest
@@ -41,6 +42,17 @@ def test_version_mismatch_message():
 def test_missing_library_message(monkeypatch):
     monkeypatch.setattr(importlib.machinery.PathFinder, "find_spec", lambda *a, **k: None)
     with pytest.raises(ImportError, match=r"the compiled kernels \(manifold_ext/_C\*\.so\) are missing; rebuild"):
+        _build.load()
+
+
+def test_several_builds_message(monkeypatch, tmp_path):
+    # A build left over from another naming (Python prefers _C.cpython-*.so to _C.abi3.so) must
+    # not be loaded silently in place of the new one.
+    names = sorted(["_C.abi3.so", "_C" + importlib.machinery.EXTENSION_SUFFIXES[0]])
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    monkeypatch.setattr(_build, "__file__", str(tmp_path / "_build.py"))
+    with pytest.raises(ImportError, match=rf"several builds of the compiled kernels \({re.escape(', '.join(names))}\).*rebuild"):
         _build.load()
 
 

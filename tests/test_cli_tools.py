@@ -100,7 +100,7 @@ def _api_probe(kind, f, steps, seed=0):
         return probes.barrier(ms[0], ms[1], f["xy"], steps=steps)
     if kind == "plane":
         return probes.plane(ms[0], f["xy"], grid=(-1.0, 1.0, steps), seed=seed)
-    return probes.simplex(ms, f["xy"], n=steps, seed=seed)
+    return probes.simplex_losses(ms, f["xy"], n=steps, seed=seed)
 
 
 @pytest.mark.parametrize("kind, names, steps", [

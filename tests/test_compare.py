@@ -244,7 +244,30 @@ def test_cli_writes_json_csv_and_plots(tmp_path, capsys):
     rows = (out / "results.csv").read_text().splitlines()
     assert len(rows) == 1 + 6
     header = rows[0].split(",")
-    assert "size_radius" in header and "hessian_top_eig" in header and "gain_over_control" in header
+    assert "size_radius" in header and "hessian_top_eig" in header and "gain_over_control_pct_points" in header
+    _check_csv_units(out)
+
+
+def _check_csv_units(out):
+    """results.csv: one unit per column, named in the header; counts written as integers."""
+    import csv
+
+    with open(out / "results.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        header, rows = reader.fieldnames, list(reader)
+    assert header[:8] == ["seed", "candidate", "parameters", "test_accuracy_pct", "gain_over_base_pct_points",
+                          "gain_over_control_pct_points", "adapted_probe_loss", "seconds"]
+    assert header.count("parameters") == 1 and "accuracy_pct" in header
+    assert not {"test_accuracy", "gain_over_base", "gain_over_control", "accuracy"} & set(header)
+    units = {(u["seed"], u["candidate"]): u for u in json.loads((out / "results.json").read_text())["units"]}
+    for row in rows:
+        assert row["seed"].isdigit() and row["parameters"].isdigit(), row  # integers: 967, not 967.0
+        u = units[(int(row["seed"]), row["candidate"])]
+        assert int(row["parameters"]) == u["parameters"]
+        assert float(row["test_accuracy_pct"]) == pytest.approx(100 * u["test_accuracy"])  # percent
+        assert float(row["accuracy_pct"]) == pytest.approx(100 * u["baselines"]["accuracy"])
+        assert float(row["gain_over_base_pct_points"]) == pytest.approx(u["gain_over_base"])  # points
+        assert 0 <= float(row["test_accuracy_pct"]) <= 100
 
 
 def test_cli_user_data(tmp_path):
@@ -349,7 +372,7 @@ def test_capped_threshold_is_reported(capsys):
               "outputs": 10, "threshold": 1.65, "threshold_capped": True},
              {"test_accuracy": 0.6, "test_loss": 0.5, "chance_accuracy": 0.1, "chance_loss": math.log(10),
               "outputs": 10, "threshold": 1.0, "threshold_capped": False}]
-    _base_summary(SimpleNamespace(bases=bases, settings={"threshold": 2.0}, warnings=[]), print)
+    _base_summary(SimpleNamespace(bases=bases, settings={"threshold_multiple": 2.0}, warnings=[]), print)
     assert ("threshold: 2 x the base's probe loss would lie more than halfway to the chance-level loss ln(10) = "
             "2.3 for 1 of the 2 seeds' bases: capped halfway (1.65)") in capsys.readouterr().out
 
@@ -445,3 +468,12 @@ def test_atomic_write_removes_its_temporary_file_on_any_failure(tmp_path):
     with pytest.raises(RuntimeError, match="serialising failed"):
         atomic_write(path, fails)
     assert path.read_text() == "old" and not (tmp_path / "r.json.tmp").exists()
+
+
+def test_settings_read_the_old_name_of_threshold_multiple_and_refuse_both():
+    assert C.Settings.from_dict({"threshold": 1.5}).threshold_multiple == 1.5
+    assert C.Settings.from_dict({"threshold_multiple": 3}).threshold_multiple == 3
+    with pytest.raises(ValueError, match=r"settings: 'threshold' is the old name of 'threshold_multiple'; give one of them"):
+        C.Settings.from_dict({"threshold": 1.5, "threshold_multiple": 2.0})
+    with pytest.raises(ValueError, match=r"settings: threshold_multiple must be a positive number, got 0"):
+        C.Settings(threshold_multiple=0)

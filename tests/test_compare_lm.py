@@ -233,11 +233,11 @@ def test_threshold_above_the_chance_level_loss_is_flagged(lm):
               "threshold": 10 * probe_loss, "outputs": V, "chance_loss": math.log(V)}]
     units = [{"seed": 0, "candidate": "control", "parameters": 1, "preservation_error": 0.0, "test_accuracy": 0.5,
               "sizes": {"radius": 0.0}, "baselines": {}}]
-    settings = C.Settings(loss="lm", threshold=10, estimators=("radius",), baselines=(), n_boot=10)
+    settings = C.Settings(loss="lm", threshold_multiple=10, estimators=("radius",), baselines=(), n_boot=10)
     result = C.summarise(Benchmark("b", task, candidates=[Candidate("control")]), settings, bases, units)
     want = (f"the loss threshold is not below the chance-level loss: 10 x the base's probe loss {probe_loss:.3g} = "
             f"{10 * probe_loss:.3g} >= ln(256) = 5.55, the loss of uniform predictions over its 256 outputs; the "
-            f"manifold sizes take in models no better than chance: set threshold below {math.log(V) / probe_loss:.3g}")
+            f"manifold sizes take in models no better than chance: set threshold_multiple below {math.log(V) / probe_loss:.3g}")
     assert want in result.warnings
     bases[0]["threshold"] = 1.5 * probe_loss
     assert not any("chance-level loss" in w for w in C.summarise(

@@ -205,22 +205,22 @@ def test_estimators_run_on_a_language_model():
 
 
 def test_baselines_on_a_language_model_and_a_resnet():
-    from manifold_ext import baselines as BL
+    from manifold_ext import baselines
 
     a = _make("gpt2", 0)
     data, _ = _data("gpt2")
-    rep = BL.compute_baselines(a, data, loss="lm", include=["loss", "accuracy", "grad_norm", "parameters"],
+    rep = baselines.compute_baselines(a, data, loss="lm", include=["loss", "accuracy", "grad_norm", "parameters"],
                                quiet=True)
     assert rep.values["loss"] == pytest.approx(_direct(a, data, "lm"), rel=1e-5)
     assert rep.values["parameters"] == sum(p.numel() for p in a.parameters())  # the tie counted once
     assert rep.values["grad_norm"] > 0
     with pytest.raises(ValueError, match=r"the baselines take no ignored labels"):
-        BL.compute_baselines(a, (data[0], data[1].masked_fill(data[1] > 50, -100)), loss="lm", quiet=True)
+        baselines.compute_baselines(a, (data[0], data[1].masked_fill(data[1] > 50, -100)), loss="lm", quiet=True)
     with pytest.raises(ValueError, match=r"loss must be 'cross_entropy' or 'lm' for the baselines, got 'mse'"):
-        BL.compute_baselines(a, data, loss="mse", quiet=True)
+        baselines.compute_baselines(a, data, loss="mse", quiet=True)
     r = _make("resnet18", 0)
     data, _ = _data("resnet18")
-    rep = BL.compute_baselines(r, data, include=["loss", "snip"], quiet=True)
+    rep = baselines.compute_baselines(r, data, include=["loss", "snip"], quiet=True)
     assert rep.values["loss"] == pytest.approx(_direct(r, data, "cross_entropy"), rel=1e-5)
     assert rep.values["snip"] > 0
 

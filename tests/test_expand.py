@@ -364,6 +364,23 @@ def test_report_json_and_explicit_check_inputs():
     assert "params 66 -> 129" in report.summary()
 
 
+def test_report_to_json_takes_a_path(tmp_path):
+    """``to_json(path)`` returns the JSON text and writes it to ``path``, as the other result
+    classes do; ``to_json()`` and ``to_json(indent=2)`` are as before; ``from_json`` takes the
+    text or the path."""
+    _, report = expand(build([5, 7, 3]), Widen("0", factor=2), Deepen(after="1"))
+    path = tmp_path / "expansion.json"
+    text = report.to_json(path)
+    assert path.read_text() == text == report.to_json()
+    assert ExpansionReport.from_json(path) == report
+    assert ExpansionReport.from_json(str(path)) == report
+    assert ExpansionReport.from_json(text) == report
+    indented = report.to_json(str(tmp_path / "indented.json"), indent=2)
+    assert indented == report.to_json(indent=2) == (tmp_path / "indented.json").read_text()
+    assert "\n  " in indented and ExpansionReport.from_json(indented) == report
+    assert not list(tmp_path.glob("*.tmp"))  # written atomically, nothing left behind
+
+
 def test_report_base_paths_and_weight_shapes():
     """Each change names its module in the base and the grown model, and the shapes of the weights
     it changed as torch stores them (nn.Linear: (out, in)); an inserted layer has no base path."""

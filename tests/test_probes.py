@@ -42,7 +42,7 @@ def _run(probe, case, bn, engine, **kw):
     if probe == "plane":
         return probes.plane(a, d, grid=(-0.5, 0.5, 4), seed=3, **common)
     if probe == "simplex":
-        return probes.simplex([a, b, c], d, n=6, seed=4, **common)
+        return probes.simplex_losses([a, b, c], d, n=6, seed=4, **common)
     return probes.random_directions(a, d, n=3, radii=(0.0, 0.8, 3), seed=5, **common)
 
 
@@ -91,11 +91,11 @@ def test_barrier_matches_dense_path():
 
 def test_simplex_points_lie_in_the_simplex_and_complex_follows_volume():
     a, b, c = (mlp(s) for s in range(3))
-    r = probes.simplex([a, b, c], DATA["mlp"], n=64, seed=1, quiet=True)
+    r = probes.simplex_losses([a, b, c], DATA["mlp"], n=64, seed=1, quiet=True)
     W = torch.tensor(r.weights, dtype=torch.float64)
     assert (W >= 0).all() and torch.allclose(W.sum(1), torch.ones(64, dtype=torch.float64))
     far = {n: t * 10 if t.is_floating_point() else t for n, t in P.state_of(c).items()}
-    r2 = probes.simplex([a, b, far], DATA["mlp"], n=200, complex=[[0, 1], [0, 2]], seed=2,
+    r2 = probes.simplex_losses([a, b, far], DATA["mlp"], n=200, complex=[[0, 1], [0, 2]], seed=2,
                         model=a, quiet=True)
     assert r2.log_volumes[1] > r2.log_volumes[0]
     share = sum(1 for s in r2.simplex if s == 1) / 200
@@ -142,7 +142,7 @@ def test_probe_errors():
     with pytest.raises(ValueError, match="steps must be at least 3, got 2"):
         probes.barrier(a, b, d, steps=2)
     with pytest.raises(ValueError, match=r"complex entries must index the 2 vertices, got \[0, 5\]"):
-        probes.simplex([a, b], d, complex=[[0, 5]])
+        probes.simplex_losses([a, b], d, complex=[[0, 5]])
     with pytest.raises(ValueError, match="model is required when the vertices are state dicts"):
         probes.linear_path(a.state_dict(), b.state_dict(), d)
     with pytest.raises(ValueError, match="expected JSON of a PathResult, got a RaysResult"):

@@ -1,5 +1,6 @@
-// CPU primitives. Each point's weight block is built in a cache-sized scratch buffer from the K
-// vertices and handed to the BLAS that PyTorch ships; B weight copies are never held.
+// The CPU primitives of kernels.h, and the public ops registered with them under the CPU dispatch
+// key. Each point's weights are built from the K vertices, a block at a time, in a scratch buffer
+// and handed to the BLAS that PyTorch ships; B weight copies are never held.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -13,27 +14,27 @@
 #include "../kernels.h"
 #include "../ops.h"
 
-namespace manifold_ext {
+namespace manifold_ext::cpu {
 namespace {
 
 using at::Tensor;
 
-// One point's block of combined weights. Measured at 512x512, N=256: 2 MiB blocks (the whole
-// layer) beat 256 and 512 KiB ones, whose narrower products cost BLAS more than the cache saves.
+// One point's block of combined weights, at most. Large rather than cache-sized: a smaller block
+// splits the point's product into narrower ones, which cost BLAS more than the cache saves, and at
+// 2 MiB a 512x512 float32 layer is built whole (docs/benchmarks.md has the sizes tried).
 constexpr int64_t kScratchBytes = int64_t(1) << 21;
 // Points whose weights are built in one pass over the vertices: the combination is memory-bound,
 // and reading the vertex rows once for two points cuts its traffic from 3 to 2 blocks per point.
 constexpr int64_t kPointsPerPass = 2;
-// Per-point products smaller than this are too small for BLAS threads to pay off, so the threads
-// take whole points instead (measured at 512x512: N=16 ran 3x faster that way, N=256 5% slower).
+// Per-point products of fewer flops than this are too small for BLAS threads to pay off, so the
+// threads take whole points instead; larger ones are split over the threads by BLAS.
 constexpr double kSerialFlops = double(1 << 26);
 
-// The shared-input output is a fresh allocation that mix_cpu writes first, and its first-touch
-// page faults cost more than the arithmetic (measured: 9 ms of 19 for the 33 MB output of a
-// 64-point shared-input 512x512 layer); transparent huge pages remove most of them (19 -> 7 ms).
-// A hint only: without THP, or off Linux, nothing changes. Not used for interp_mm, where the same
-// hint made the 64-point 512x512 layer faster on average but now and then 1.5x slower (the
-// kernel's synchronous compaction for madvised ranges, presumably).
+// The shared-input output is a fresh allocation that mix writes first, with a few flops per
+// element, so its first-touch page faults cost more than the arithmetic; transparent huge pages
+// fault a 2 MiB page at a time instead of 4 KiB. A hint only: without THP, or off Linux, nothing
+// changes. Only for mix: where the arithmetic dominates (interp_mm) there is little to gain, and
+// the hint can stall a call while the kernel compacts memory for the huge pages.
 void advise_huge_pages(const Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(1) << 21;
@@ -61,9 +62,10 @@ int64_t rows_per_chunk(int64_t row_elems, int64_t elem_bytes, int64_t total_rows
   return std::clamp<int64_t>(fit, 16, std::max<int64_t>(16, total_rows));
 }
 
-// d[i] = sum_k c[k] * s_k[i] in one pass. target_clones compiles an AVX2/FMA copy next to the
-// portable one and picks at load time: the combination runs at memory speed either way, but the
-// SSE2 copy alone cost a fifth of the time of a 512x512 layer at N=256.
+// d[i] = sum_k c[k] * s_k[i] in one pass. target_clones compiles AVX-512 and AVX2 copies next to
+// the portable one and picks at load time: with wide vectors the combination runs at memory speed,
+// while the portable SSE2 copy is bound by its arithmetic, and the combination is a large part of
+// each per-point layer.
 template <typename scalar_t>
 __attribute__((target_clones("avx512f", "avx2", "default"))) void combine_row(
     const scalar_t* __restrict__ s0, int64_t K, int64_t vstride, int64_t cols,
@@ -104,7 +106,11 @@ void combine(const scalar_t* src, int64_t K, int64_t vstride, int64_t rstride, i
 // Few examples per point: building each point's weights costs more than the product itself, so
 // instead one large product gives every vertex's output for every point, Z = x @ [A_1 .. A_K]
 // (K times the arithmetic, no per-point work), and each point mixes its K outputs.
-// (B=64, 512x512, K=2: 2.1x faster at N=16; the per-point route wins from about N=64 on.)
+// Per weight element and point, that route adds N(K-1) multiply-adds, and building the point's
+// weights moves K+1 elements (K read, one written); it pays while N(K-1) < 12(K+1): about 12
+// multiply-adds cost as much as moving one element, as the crossover of the two routes
+// on a 512x512 layer shows (docs/benchmarks.md). The route needs x contiguous (an expanded shared
+// input is not).
 bool vertex_route_pays(const Tensor& x, int64_t N, int64_t K) {
   return x.is_contiguous() && (K == 1 || N * (K - 1) < 12 * (K + 1));
 }
@@ -142,16 +148,16 @@ void interp_mm_by_vertex(const Tensor& x, const Tensor& weight, const Tensor& co
 
 // Whole weights of a group of points, built together and handed to one batched product: ATen's
 // bmm gives each core whole points, where a product per point splits every product over the
-// cores. Measured (B=64, K=2, 2 cores): 512x512 at N=256 ran 1.2x faster than per point, 256x256
-// at N=64 1.6x; groups of 2 to 4 MiB did best, 8 MiB and more worse.
+// cores and synchronises them after each. A group holds at most 4 MiB of weights, so that they
+// are still in cache when bmm reads them (docs/benchmarks.md has the sizes tried).
 constexpr int64_t kGroupBytes = int64_t(4) << 20;
 
 bool group_route_pays(const Tensor& x, int64_t J, int64_t R) {
   return x.stride(0) != 0 && J * R * x.element_size() <= kGroupBytes;
 }
 
-// The group's weights, kept per thread from call to call: a fresh 4 MiB block would be mapped
-// anew by the allocator on every call, and its page faults cost about as much as building it.
+// The group's weights, kept per thread from call to call: the allocator maps a fresh block this
+// large anew on every call, and its page faults would cost about as much as building it.
 Tensor group_scratch(int64_t numel, const at::TensorOptions& options) {
   thread_local Tensor kept;
   if (!kept.defined() || kept.scalar_type() != options.dtype().toScalarType() ||
@@ -186,8 +192,8 @@ void interp_mm_grouped(const Tensor& x, const Tensor& weight, const Tensor& coef
   });
 }
 
-void interp_mm_cpu(const Tensor& x, const Tensor& weight, const Tensor& coeffs,
-                   const Tensor& bias_mix, bool transpose, Tensor& y) {
+void interp_mm(const Tensor& x, const Tensor& weight, const Tensor& coeffs, const Tensor& bias_mix,
+               bool transpose, Tensor& y) {
   const int64_t B = x.size(0), N = x.size(1), R = x.size(2), J = y.size(2), K = weight.size(0);
   if (vertex_route_pays(x, N, K)) {
     interp_mm_by_vertex(x, weight, coeffs, bias_mix, transpose, y);
@@ -234,8 +240,8 @@ void interp_mm_cpu(const Tensor& x, const Tensor& weight, const Tensor& coeffs,
   });
 }
 
-void outer_mix_cpu(const Tensor& g, const Tensor& x, const Tensor& weight, const Tensor& coeffs,
-                   Tensor& grad_weight, Tensor& grad_coeffs) {
+void outer_mix(const Tensor& g, const Tensor& x, const Tensor& weight, const Tensor& coeffs,
+               Tensor& grad_weight, Tensor& grad_coeffs) {
   const int64_t B = x.size(0), R = x.size(2), J = g.size(2), K = weight.size(0);
   if (grad_weight.defined()) grad_weight.zero_();
   if (grad_coeffs.defined()) grad_coeffs.zero_();
@@ -262,7 +268,6 @@ void outer_mix_cpu(const Tensor& g, const Tensor& x, const Tensor& weight, const
 // Few classes (a classifier head of 10): per-point work is a handful of tiny ops whose overhead
 // outweighs the arithmetic, so one product gives every vertex's logits for every example of every
 // point, each point mixes its K, and the row reductions run vectorised over all rows at once.
-// (B=64, N=64, 256 -> 10 classes: 4.8 ms per call the per-point way.)
 // A row whose log-sum-exp is not finite (a NaN or +inf logit, or every logit -inf) has no
 // defined loss: NaN, and it is never correct. The CUDA kernels and the loop apply the same rule.
 void write_rows(const Tensor& lse, const Tensor& z_target, const Tensor& hit, Tensor loss, Tensor correct) {
@@ -312,9 +317,9 @@ void linear_ce_rows_by_vertex(const Tensor& x, const Tensor& weight, const Tenso
   });
 }
 
-void linear_ce_rows_cpu(const Tensor& x, const Tensor& weight, const Tensor& coeffs,
-                        const Tensor& bias_mix, const Tensor& target, Tensor& lse, Tensor& loss,
-                        Tensor& correct) {
+void linear_ce_rows(const Tensor& x, const Tensor& weight, const Tensor& coeffs,
+                    const Tensor& bias_mix, const Tensor& target, Tensor& lse, Tensor& loss,
+                    Tensor& correct) {
   const int64_t B = x.size(0), N = x.size(1), R = x.size(2), C = weight.size(1),
                 K = weight.size(0);
   if (ce_by_vertex_pays(x, weight, K, C)) {
@@ -366,8 +371,8 @@ void linear_ce_rows_cpu(const Tensor& x, const Tensor& weight, const Tensor& coe
   });
 }
 
-void ce_rows_cpu(const Tensor& logits, const Tensor& target, Tensor& lse, Tensor& loss,
-                 Tensor& correct) {
+void ce_rows(const Tensor& logits, const Tensor& target, Tensor& lse, Tensor& loss,
+             Tensor& correct) {
   const int64_t B = logits.size(0), N = logits.size(1), C = logits.size(2);
   // logsumexp holds a temporary as large as its input: go a few points at a time.
   const int64_t step = std::max<int64_t>(1, (int64_t(1) << 24) / std::max<int64_t>(1, N * C));
@@ -381,7 +386,7 @@ void ce_rows_cpu(const Tensor& logits, const Tensor& target, Tensor& lse, Tensor
   }
 }
 
-void mix_cpu(const Tensor& coeffs, const Tensor& z, Tensor& y) {
+void mix(const Tensor& coeffs, const Tensor& z, Tensor& y) {
   // A GEMM with an inner dimension of K is all memory traffic; one pass per point is cheaper.
   const int64_t B = y.size(0), M = y.size(1), K = z.size(0);
   advise_huge_pages(y);
@@ -400,12 +405,12 @@ void mix_cpu(const Tensor& coeffs, const Tensor& z, Tensor& y) {
   });
 }
 
-const int registered = (set_kernels(c10::DeviceType::CPU,
-                                    Kernels{interp_mm_cpu, outer_mix_cpu, linear_ce_rows_cpu,
-                                            ce_rows_cpu, mix_cpu}),
-                        0);
-
 }  // namespace
-}  // namespace manifold_ext
 
-TORCH_LIBRARY_IMPL(manifold_ext, CPU, m) { MANIFOLD_EXT_IMPL_ALL(m); }
+constexpr Kernels kKernels{interp_mm, outer_mix, linear_ce_rows, ce_rows, mix};
+
+}  // namespace manifold_ext::cpu
+
+TORCH_LIBRARY_IMPL(manifold_ext, CPU, m) {
+  manifold_ext::register_ops<manifold_ext::cpu::kKernels>(m);
+}

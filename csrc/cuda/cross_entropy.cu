@@ -2,6 +2,7 @@
 // logits z[b,n,:], either computed tile by tile from the interpolated classifier without ever
 // storing them (linear_ce_rows) or read from materialised logits (ce_rows).
 #include "cuda/kernels_cuda.h"
+#include "cuda/tile.cuh"
 
 #include <ATen/Dispatch.h>
 #include <ATen/NumericUtils.h>
@@ -15,10 +16,9 @@
 #include <cmath>
 #include <limits>
 
-namespace manifold_ext {
+namespace manifold_ext::cuda {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr unsigned kFullMask = 0xffffffffu;
 
 // Online softmax statistics of part of a row: its maximum, the sum of exp(z - max), and the
@@ -99,20 +99,12 @@ __device__ void write_row(const RowStats<T>& s, T z_target, int64_t target, int6
 
 // ---- linear_ce_rows: the logits GEMM of interp_mm (transpose=false) with a row epilogue ----
 
-constexpr int kTileN = 64;  // rows per block
-constexpr int kTileC = 64;  // classes per tile, the block walking all of them
-constexpr int kTileR = 16;  // reduction slice held in shared memory at a time
-constexpr int kSide = 16;   // the block is kSide x kSide threads ...
-constexpr int kPer = 4;     // ... each holding a kPer x kPer block of logits
-constexpr int64_t kMaxGridY = 65535;
-
-static_assert(kSide * kSide == kThreads, "one thread per (ty, tx)");
-static_assert(kSide * kPer == kTileN && kSide * kPer == kTileC, "threads must cover the tile");
-static_assert(kTileR * kTileN == kPer * kThreads && kTileR * kTileC == kPer * kThreads,
-              "each thread loads kPer elements of each operand tile");
+static_assert(kSide <= 32 && (kSide & (kSide - 1)) == 0,
+              "reduce_lanes merges a row's kSide lanes by butterfly shuffles within a warp");
 
 // Block (n tile, b). Thread (ty, tx) keeps running stats for rows ty + i*kSide over classes
-// tx + q*kSide of every tile; the kSide threads of a row are one half-warp and merge at the end.
+// tx + q*kSide of every tile; the kSide threads of a row are consecutive lanes of one warp and
+// merge at the end.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) linear_ce_rows_kernel(
     const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
@@ -122,17 +114,14 @@ __global__ void __launch_bounds__(kThreads) linear_ce_rows_kernel(
     bool* __restrict__ correct, int64_t B, int64_t N, int64_t R, int64_t C, int64_t K,
     int64_t x_sb, int64_t x_sn, int64_t w_sk, int64_t bias_sb, int64_t bias_sc, int64_t t_sb) {
   using opmath_t = at::opmath_type<scalar_t>;
-  // The loads write these tiles column-wise; the +1 pad puts consecutive rows in distinct banks.
-  __shared__ opmath_t xs[kTileR][kTileN + 1];  // xs[r][n] = x[b][n0 + n][r0 + r]
-  __shared__ opmath_t ws[kTileR][kTileC + 1];  // ws[r][c] = W_b[c0 + c][r0 + r]
+  __shared__ opmath_t xs[kDepth][kTile + 1];  // xs[r][n] = x[b][n0 + n][r0 + r]
+  __shared__ opmath_t ws[kDepth][kTile + 1];  // ws[r][c] = W_b[c0 + c][r0 + r]
 
-  const int tid = threadIdx.x;
-  const int tx = tid % kSide, ty = tid / kSide;
-  const int64_t n0 = int64_t(blockIdx.x) * kTileN;
+  const int tx = threadIdx.x % kSide, ty = threadIdx.x / kSide;
+  const int64_t n0 = int64_t(blockIdx.x) * kTile;
 
-  // gridDim.y is capped at 65535, so blocks stride over what is left of B.
+  // gridDim.y is capped at kMaxGridYZ, so blocks stride over what is left of B.
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
-    const opmath_t* cb = coeffs + b * K;
     int64_t tgt[kPer];
     RowStats<opmath_t> stats[kPer];
     opmath_t z_target[kPer];
@@ -148,57 +137,10 @@ __global__ void __launch_bounds__(kThreads) linear_ce_rows_kernel(
       z_target[i] = opmath_t(0);
     }
 
-    for (int64_t c0 = 0; c0 < C; c0 += kTileC) {
+    for (int64_t c0 = 0; c0 < C; c0 += kTile) {
       opmath_t acc[kPer][kPer] = {};
-      for (int64_t r0 = 0; r0 < R; r0 += kTileR) {
-        // x and weight[k] are both contiguous in r: consecutive threads read consecutive r.
-        int rr[kPer], cc[kPer];
-        int64_t off[kPer];
-        bool inside[kPer];
-        opmath_t mixed[kPer];
-#pragma unroll
-        for (int i = 0; i < kPer; ++i) {
-          const int e = tid + i * kThreads;
-          rr[i] = e % kTileR;
-          const int nn = e / kTileR;
-          const int64_t n = n0 + nn, r = r0 + rr[i];
-          xs[rr[i]][nn] = (n < N && r < R) ? static_cast<opmath_t>(x[b * x_sb + n * x_sn + r])
-                                           : opmath_t(0);
-          cc[i] = e / kTileR;
-          const int64_t c = c0 + cc[i];
-          inside[i] = c < C && r < R;
-          off[i] = c * R + r;
-          mixed[i] = opmath_t(0);
-        }
-        // Vertex loop outermost: the kPer loads of one vertex are independent, in flight together.
-        for (int64_t k = 0; k < K; ++k) {
-          const opmath_t coef = cb[k];
-          const scalar_t* wk = weight + k * w_sk;
-#pragma unroll
-          for (int i = 0; i < kPer; ++i) {
-            if (inside[i]) mixed[i] += coef * static_cast<opmath_t>(wk[off[i]]);
-          }
-        }
-#pragma unroll
-        for (int i = 0; i < kPer; ++i) ws[rr[i]][cc[i]] = mixed[i];
-        __syncthreads();
-
-#pragma unroll
-        for (int r = 0; r < kTileR; ++r) {
-          opmath_t a[kPer], w[kPer];
-#pragma unroll
-          for (int i = 0; i < kPer; ++i) {
-            a[i] = xs[r][ty + i * kSide];
-            w[i] = ws[r][tx + i * kSide];
-          }
-#pragma unroll
-          for (int i = 0; i < kPer; ++i) {
-#pragma unroll
-            for (int q = 0; q < kPer; ++q) acc[i][q] += a[i] * w[q];
-          }
-        }
-        __syncthreads();
-      }
+      mixed_product_tile<false>(xs, ws, x + b * x_sb, x_sn, n0, N, weight, w_sk, coeffs + b * K,
+                                K, c0, C, R, acc);
 
       // A thread's classes ascend within the tile (q) and across tiles (c0), as push needs.
 #pragma unroll
@@ -227,10 +169,11 @@ __global__ void __launch_bounds__(kThreads) linear_ce_rows_kernel(
 // ---- ce_rows: one warp per row of materialised logits ----
 
 constexpr int kWarpSize = 32;
-constexpr int kRowsPerBlock = kThreads / kWarpSize;
+constexpr int kRowsPerBlock = 8;
+constexpr int kRowThreads = kRowsPerBlock * kWarpSize;
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kRowThreads)
     ce_rows_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ target,
                    at::opmath_type<scalar_t>* __restrict__ lse,
                    at::opmath_type<scalar_t>* __restrict__ loss, bool* __restrict__ correct,
@@ -257,14 +200,14 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
-void linear_ce_rows_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& coeffs,
-                         const at::Tensor& bias_mix, const at::Tensor& target, at::Tensor& lse,
-                         at::Tensor& loss, at::Tensor& correct) {
+void linear_ce_rows(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& coeffs,
+                    const at::Tensor& bias_mix, const at::Tensor& target, at::Tensor& lse,
+                    at::Tensor& loss, at::Tensor& correct) {
   const int64_t B = x.size(0), N = x.size(1), R = x.size(2);
   const int64_t K = weight.size(0), C = weight.size(1);
   const c10::cuda::CUDAGuard guard(x.device());
-  const dim3 grid(static_cast<unsigned>((N + kTileN - 1) / kTileN),
-                  static_cast<unsigned>(std::min(B, kMaxGridY)));
+  const dim3 grid(static_cast<unsigned>((N + kTile - 1) / kTile),
+                  static_cast<unsigned>(std::min(B, kMaxGridYZ)));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool has_bias = bias_mix.defined();
 
@@ -284,21 +227,21 @@ void linear_ce_rows_cuda(const at::Tensor& x, const at::Tensor& weight, const at
       });
 }
 
-void ce_rows_cuda(const at::Tensor& logits, const at::Tensor& target, at::Tensor& lse,
-                  at::Tensor& loss, at::Tensor& correct) {
+void ce_rows(const at::Tensor& logits, const at::Tensor& target, at::Tensor& lse,
+             at::Tensor& loss, at::Tensor& correct) {
   const int64_t B = logits.size(0), N = logits.size(1), C = logits.size(2);
   const int64_t rows = B * N;
   const c10::cuda::CUDAGuard guard(logits.device());
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   const int64_t wave = int64_t(prop->multiProcessorCount) *
-                       (prop->maxThreadsPerMultiProcessor / kThreads);
+                       (prop->maxThreadsPerMultiProcessor / kRowThreads);
   const int64_t blocks = std::min((rows + kRowsPerBlock - 1) / kRowsPerBlock, wave);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, logits.scalar_type(), "ce_rows_cuda", [&] {
         using opmath_t = at::opmath_type<scalar_t>;
-        ce_rows_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        ce_rows_kernel<scalar_t><<<static_cast<unsigned>(blocks), kRowThreads, 0, stream>>>(
             logits.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(),
             lse.mutable_data_ptr<opmath_t>(), loss.mutable_data_ptr<opmath_t>(),
             correct.mutable_data_ptr<bool>(), rows, N, C, target.stride(0));
@@ -306,4 +249,4 @@ void ce_rows_cuda(const at::Tensor& logits, const at::Tensor& target, at::Tensor
       });
 }
 
-}  // namespace manifold_ext
+}  // namespace manifold_ext::cuda

@@ -1,6 +1,7 @@
 // With M_b = g[b]^T x[b]: grad_weight[k] = sum_b coeffs[b,k] M_b and
 // grad_coeffs[b,k] = <weight[k], M_b>, without materialising the B matrices M_b.
 #include "cuda/kernels_cuda.h"
+#include "cuda/tile.cuh"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -10,21 +11,10 @@
 
 #include <algorithm>
 
-namespace manifold_ext {
+namespace manifold_ext::cuda {
 namespace {
 
-constexpr int kTileJ = 64;  // rows of M_b per block
-constexpr int kTileR = 64;  // columns of M_b per block
-constexpr int kTileN = 16;  // reduction slice held in shared memory at a time
-constexpr int kSide = 16;   // the block is kSide x kSide threads ...
-constexpr int kPer = 4;     // ... each accumulating a kPer x kPer block of M_b
-constexpr int kThreads = kSide * kSide;
 constexpr int kWarps = kThreads / 32;
-constexpr int64_t kMaxGridY = 65535;
-
-static_assert(kSide * kPer == kTileJ && kSide * kPer == kTileR, "threads must cover the tile");
-static_assert(kTileN * kTileJ == kPer * kThreads && kTileN * kTileR == kPer * kThreads,
-              "each thread loads kPer elements of each operand tile");
 
 // Sum over the block in a fixed order, so that results are bitwise reproducible; the total is
 // returned to thread 0 only.
@@ -53,48 +43,26 @@ __global__ void __launch_bounds__(kThreads)
                                int64_t N, int64_t J, int64_t R, int64_t K, int64_t w_sk,
                                int64_t r_tiles) {
   using opmath_t = at::opmath_type<scalar_t>;
-  __shared__ opmath_t gs[kTileN][kTileJ];  // gs[n][j] = g[b][n0 + n][j0 + j]
-  __shared__ opmath_t xs[kTileN][kTileR];  // xs[n][r] = x[b][n0 + n][r0 + r]
+  __shared__ opmath_t gs[kDepth][kTile];  // gs[n][j] = g[b][n0 + n][j0 + j]
+  __shared__ opmath_t xs[kDepth][kTile];  // xs[n][r] = x[b][n0 + n][r0 + r]
   __shared__ opmath_t warp_sums[kWarps];
 
   const int tid = threadIdx.x;
   const int tx = tid % kSide, ty = tid / kSide;
   const int64_t tile = blockIdx.x, tiles = gridDim.x;
-  const int64_t j0 = (tile / r_tiles) * kTileJ, r0 = (tile % r_tiles) * kTileR;
+  const int64_t j0 = (tile / r_tiles) * kTile, r0 = (tile % r_tiles) * kTile;
 
-  // gridDim.y is capped at 65535, so blocks stride over what is left of B.
+  // gridDim.y is capped at kMaxGridYZ, so blocks stride over what is left of B.
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
     opmath_t acc[kPer][kPer] = {};
-    for (int64_t n0 = 0; n0 < N; n0 += kTileN) {
-      // Both operands are contiguous in their tile's column: consecutive threads, consecutive
-      // columns.
-#pragma unroll
-      for (int i = 0; i < kPer; ++i) {
-        const int e = tid + i * kThreads;
-        const int nn = e / kTileJ, cc = e % kTileJ;
-        const int64_t n = n0 + nn, j = j0 + cc, r = r0 + cc;
-        gs[nn][cc] = (n < N && j < J) ? static_cast<opmath_t>(g[(b * N + n) * J + j])
-                                      : opmath_t(0);
-        xs[nn][cc] = (n < N && r < R) ? static_cast<opmath_t>(x[(b * N + n) * R + r])
-                                      : opmath_t(0);
-      }
-      __syncthreads();
-#pragma unroll
-      for (int n = 0; n < kTileN; ++n) {
-        opmath_t a[kPer], v[kPer];
-#pragma unroll
-        for (int i = 0; i < kPer; ++i) {
-          a[i] = gs[n][ty + i * kSide];
-          v[i] = xs[n][tx + i * kSide];
-        }
-#pragma unroll
-        for (int i = 0; i < kPer; ++i) {
-#pragma unroll
-          for (int q = 0; q < kPer; ++q) acc[i][q] += a[i] * v[q];
-        }
-      }
-      __syncthreads();
-    }
+    // The tile of M_b: the reduction runs over n, and both operands are contiguous in their
+    // tile's column (j or r), along which consecutive threads load.
+    const scalar_t* gb = g + b * N * J;
+    const scalar_t* xb = x + b * N * R;
+    accumulate_tiles(N, gs, xs, acc, [&](int64_t n0) {
+      load_tile<false>(gs, gb, J, n0, N, j0, J);
+      load_tile<false>(xs, xb, R, n0, N, r0, R);
+    });
 
     for (int64_t k = 0; k < K; ++k) {
       const scalar_t* wk = weight + k * w_sk;
@@ -117,8 +85,8 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
-void outer_mix_cuda(const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight,
-                    const at::Tensor& coeffs, at::Tensor& grad_weight, at::Tensor& grad_coeffs) {
+void outer_mix(const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight,
+               const at::Tensor& coeffs, at::Tensor& grad_weight, at::Tensor& grad_coeffs) {
   const int64_t B = g.size(0), N = g.size(1), J = g.size(2);
   const int64_t R = x.size(2), K = weight.size(0);
   const c10::cuda::CUDAGuard guard(g.device());
@@ -141,11 +109,11 @@ void outer_mix_cuda(const at::Tensor& g, const at::Tensor& x, const at::Tensor& 
   }
 
   if (grad_coeffs.defined()) {
-    const int64_t r_tiles = (R + kTileR - 1) / kTileR;
-    const int64_t tiles = (J + kTileJ - 1) / kTileJ * r_tiles;
+    const int64_t r_tiles = (R + kTile - 1) / kTile;
+    const int64_t tiles = (J + kTile - 1) / kTile * r_tiles;
     // One partial per (b, k, tile), summed by ATen afterwards: deterministic, unlike atomics.
     at::Tensor partials = at::empty({B, K, tiles}, coeffs.options());
-    const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(std::min(B, kMaxGridY)));
+    const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(std::min(B, kMaxGridYZ)));
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::ScalarType::Half, at::ScalarType::BFloat16, g.scalar_type(), "outer_mix_cuda", [&] {
@@ -160,4 +128,4 @@ void outer_mix_cuda(const at::Tensor& g, const at::Tensor& x, const at::Tensor& 
   }
 }
 
-}  // namespace manifold_ext
+}  // namespace manifold_ext::cuda

@@ -1,15 +1,15 @@
-// CUDA registration: the CUDA kernel table and the public ops under the CUDA dispatch key.
+// The CUDA table of primitives, and the public ops registered with it under the CUDA dispatch key.
 #include <torch/library.h>
 
 #include "../kernels.h"
 #include "../ops.h"
 #include "kernels_cuda.h"
 
-namespace manifold_ext {
+namespace manifold_ext::cuda {
 namespace {
 
 // cuBLAS does the mixing GEMM well; only the output dtype needs care.
-void mix_cuda(const at::Tensor& coeffs, const at::Tensor& z, at::Tensor& y) {
+void mix(const at::Tensor& coeffs, const at::Tensor& z, at::Tensor& y) {
   if (y.scalar_type() == z.scalar_type()) {
     at::mm_out(y, coeffs, z);
   } else {
@@ -17,11 +17,12 @@ void mix_cuda(const at::Tensor& coeffs, const at::Tensor& z, at::Tensor& y) {
   }
 }
 
-const int registered = (set_kernels(c10::DeviceType::CUDA,
-                                    Kernels{interp_mm_cuda, outer_mix_cuda, linear_ce_rows_cuda,
-                                            ce_rows_cuda, mix_cuda}),
-                        0);
 }  // namespace
-}  // namespace manifold_ext
 
-TORCH_LIBRARY_IMPL(manifold_ext, CUDA, m) { MANIFOLD_EXT_IMPL_ALL(m); }
+constexpr Kernels kKernels{interp_mm, outer_mix, linear_ce_rows, ce_rows, mix};
+
+}  // namespace manifold_ext::cuda
+
+TORCH_LIBRARY_IMPL(manifold_ext, CUDA, m) {
+  manifold_ext::register_ops<manifold_ext::cuda::kKernels>(m);
+}

@@ -501,15 +501,32 @@ def _fmt(v, digits=3) -> str:
     return str(v)
 
 
+def _pct(v: Optional[float]) -> Optional[float]:
+    """A fraction in percent (None stays None: an empty cell)."""
+    return None if v is None else 100 * v
+
+
 def _write_csv(result: C.CompareResult, path: Path) -> None:
+    """results.csv: one row per (seed, candidate), one unit per column: counts (seed,
+    parameters) as integers, accuracies in percent and gains in percentage points (the unit in
+    the column's name: ``test_accuracy_pct``, ``gain_over_base_pct_points``, ``accuracy_pct``),
+    times in seconds, then every metric under its name in results.json (the ``parameters``
+    baseline is the ``parameters`` column)."""
     settings = C.Settings.from_dict(result.settings)
     names = C.metric_names(settings)
     rows = []
     for u in result.units:
-        row = {k: u[k] for k in ("seed", "candidate", "parameters", "test_accuracy", "gain_over_base",
-                                 "gain_over_control", "adapted_probe_loss", "seconds")}
+        row = {"seed": int(u["seed"]), "candidate": u["candidate"], "parameters": int(u["parameters"]),
+               "test_accuracy_pct": _pct(u["test_accuracy"]), "gain_over_base_pct_points": u["gain_over_base"],
+               "gain_over_control_pct_points": u["gain_over_control"],
+               "adapted_probe_loss": u["adapted_probe_loss"], "seconds": u["seconds"]}
         for n in names:
-            row[n] = u["sizes"][n[5:]] if n.startswith("size_") else u["baselines"][n]
+            if n == "parameters":
+                continue  # the same count as the parameters column
+            if n == "accuracy":
+                row["accuracy_pct"] = _pct(u["baselines"][n])
+            else:
+                row[n] = u["sizes"][n[5:]] if n.startswith("size_") else u["baselines"][n]
         rows.append(row)
 
     def write(tmp: Path) -> None:
@@ -559,7 +576,7 @@ def _base_summary(result: C.CompareResult, say) -> None:
     capped = [b for b in bases if b.get("threshold_capped")]
     if capped:
         values = ", ".join(f"{b['threshold']:.3g}" for b in capped)
-        say(f"threshold: {result.settings['threshold']:g} x the base's probe loss would lie more than halfway to the "
+        say(f"threshold: {result.settings['threshold_multiple']:g} x the base's probe loss would lie more than halfway to the "
             f"chance-level loss ln({bases[0]['outputs']}) = {bases[0]['chance_loss']:.3g} for {len(capped)} of the "
             f"{len(bases)} seeds' bases: capped halfway ({values})")
     for w in result.warnings:

@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.kind == "plane":
         result = probes.plane(vertices[0], xy, grid=(-1.0, 1.0, steps), seed=args.seed, **kw)
     else:
-        result = probes.simplex(vertices, xy, n=steps, seed=args.seed, **kw)
+        result = probes.simplex_losses(vertices, xy, n=steps, seed=args.seed, **kw)
 
     if not D.is_main():  # under torchrun every rank has the result; rank 0 reports it
         return 0

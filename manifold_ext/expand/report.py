@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+from .._io import write_text
 
 
 @dataclass
@@ -60,9 +63,17 @@ class ExpansionReport:
         """A plain dict of JSON types."""
         return asdict(self)
 
-    def to_json(self, **kwargs) -> str:
-        """The report as a JSON string (``kwargs`` go to ``json.dumps``, e.g. ``indent=2``)."""
-        return json.dumps(self.to_dict(), **kwargs)
+    def to_json(self, path: Optional[Union[str, Path]] = None, **kwargs) -> str:
+        """The report as JSON text; also written to ``path`` when given (atomically), as the
+        other result classes do (:class:`manifold_ext.probes.PathResult` and the rest).
+
+        ``kwargs`` go to ``json.dumps``, e.g. ``indent=2``; ``to_json()`` and
+        ``to_json(indent=2)`` return the same text as before ``path`` was accepted.
+        """
+        text = json.dumps(self.to_dict(), **kwargs)
+        if path is not None:
+            write_text(path, text)
+        return text
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "ExpansionReport":
@@ -72,9 +83,12 @@ class ExpansionReport:
         return cls(**d)
 
     @classmethod
-    def from_json(cls, s: str) -> "ExpansionReport":
-        """Inverse of ``to_json``."""
-        return cls.from_dict(json.loads(s))
+    def from_json(cls, text_or_path: Union[str, Path]) -> "ExpansionReport":
+        """Inverse of :meth:`to_json`: JSON text, or a path to a file holding it."""
+        text = str(text_or_path)
+        if isinstance(text_or_path, Path) or not text.lstrip().startswith("{"):
+            text = Path(text).read_text()
+        return cls.from_dict(json.loads(text))
 
     def summary(self) -> str:
         """One line per change plus the totals, for logs."""
