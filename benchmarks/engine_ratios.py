@@ -6,11 +6,10 @@ ladder of DESIGN.md section 7 timed side by side in one run.
 
 from __future__ import annotations
 
-import argparse
 import torch
 
 from benchmarks import engine_cases
-from benchmarks.harness import matmul_ceiling, save, time_interleaved
+from benchmarks.harness import matmul_ceiling, run_main, time_interleaved
 from benchmarks.memory import peak_extra_bytes
 
 TARGETS = [
@@ -76,14 +75,7 @@ def table(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--json", default="results/bench_engine.json")
-    args = p.parse_args(argv)
-    res = measure(args.rounds)
-    save(res, args.json)
-    print(table(res))
-    return 0
+    return run_main(__doc__, measure, table, "results/bench_engine.json", argv, rounds=5)
 
 
 if __name__ == "__main__":

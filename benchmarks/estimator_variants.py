@@ -64,7 +64,7 @@ def task_table(run: Path) -> dict:
     for name, values in variants(units).items():
         corr = within_seed_correlation(values, gains, seeds, cands, n_boot=10, seed=0)
         fake = [dict(u, sizes={"x": v}) for u, v in zip(units, values)]
-        rows[name] = {"spearman": corr.spearman, "equal_size_order": C._equal_size_order(fake, "size_x")}
+        rows[name] = {"spearman": corr.spearman, "equal_size_order": C.equal_size_order(fake, "size_x")}
     p = result["signal"].get("friedman_p")
     return {"task": run.name, "has_signal": p is not None and p <= C.SIGNAL_P, "rows": rows}
 

@@ -7,12 +7,11 @@ LayerNorm parameters, over several seeds. Prints a table and saves JSON.
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 from torch import nn
 
-from benchmarks.harness import save
+from benchmarks.harness import run_main
 from manifold_ext import models
 from manifold_ext.expand import Deepen, Widen, expand
 
@@ -67,18 +66,27 @@ def measure(seeds: int = 10) -> dict:
     return {"seeds": seeds, "rows": rows}
 
 
+def table(res: dict) -> str:
+    """One line per expansion, and how many claimed exact are not."""
+    lines = [f"{r['model']:44s} {r['spec'][:70]:70s} exact={r['claimed_exact']!s:5s} max err {r['max_error']:.2e}"
+             for r in res["rows"]]
+    lines.append(f"{len(res['rows'])} expansions, {len(_broken(res))} claimed exact with an error above 1e-5")
+    return "\n".join(lines)
+
+
+def _broken(res: dict) -> list:
+    return [r for r in res["rows"] if r["claimed_exact"] and r["max_error"] > 1e-5]
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, default=10)
-    p.add_argument("--json", default="results/expansion_preservation.json")
-    args = p.parse_args(argv)
-    res = measure(args.seeds)
-    save(res, args.json)
-    for r in res["rows"]:
-        print(f"{r['model']:44s} {r['spec'][:70]:70s} exact={r['claimed_exact']!s:5s} max err {r['max_error']:.2e}")
-    bad = [r for r in res["rows"] if r["claimed_exact"] and r["max_error"] > 1e-5]
-    print(f"{len(res['rows'])} expansions, {len(bad)} claimed exact with an error above 1e-5")
-    return 1 if bad else 0
+    results = {}
+
+    def measured(seeds: int) -> dict:
+        results.update(measure(seeds))
+        return results
+
+    run_main(__doc__, measured, table, "results/expansion_preservation.json", argv, rounds=10, count="seeds")
+    return 1 if _broken(results) else 0
 
 
 if __name__ == "__main__":

@@ -57,16 +57,17 @@ def save(res: dict, path: str) -> None:
 
 
 def run_main(doc: str, measure: Callable[[int], dict], table: Callable[[dict], str], json_path: str,
-             argv=None, rounds: int = 3) -> int:
-    """The command line every benchmark script shares: ``--rounds`` and ``--json``; measures,
-    saves the results as JSON and prints the table."""
+             argv=None, rounds: int = 3, count: str = "rounds") -> int:
+    """The command line every benchmark script shares: ``--rounds`` (or ``--<count>``: what the
+    one number ``measure`` takes counts) and ``--json``; measures, saves the results as JSON and
+    prints the table."""
     import argparse
 
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=rounds)
+    p.add_argument(f"--{count}", type=int, default=rounds)
     p.add_argument("--json", default=json_path)
     args = p.parse_args(argv)
-    res = measure(args.rounds)
+    res = measure(getattr(args, count))
     save(res, args.json)
     print(table(res))
     return 0

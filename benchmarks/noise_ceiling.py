@@ -69,7 +69,7 @@ def task_ceiling(run: Path, bench: builtin.Benchmark, n_boot: int) -> dict:
     corr = within_seed_correlation(second, gains, [k[0] for k in keys], [k[1] for k in keys],
                                    metric="second fine-tuning", n_boot=n_boot, seed=0)
     fake = [dict(units[k], gain_over_base=g, sizes={"again": a}) for k, g, a in zip(keys, gains, second)]
-    agree = C._equal_size_order(fake, "size_again")
+    agree = C.equal_size_order(fake, "size_again")
     p = result["signal"].get("friedman_p")
     return {"task": run.name, "reliability": corr.spearman, "reliability_ci": corr.spearman_ci,
             "spearman_ceiling": math.sqrt(corr.spearman) if corr.spearman > 0 else 0.0,

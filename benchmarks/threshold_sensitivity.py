@@ -83,7 +83,7 @@ def task_sensitivity(run: Path, bench: builtin.Benchmark, rules, estimators, n_b
                                        metric=f"{e} {r}", n_boot=n_boot, seed=0)
         fake = [dict(units[k], gain_over_base=gains[k], sizes={e: got[k]}) for k in keys]
         rows.append({"estimator": e, "rule": r, "spearman": corr.spearman, "spearman_ci": corr.spearman_ci,
-                     "equal_size_order": C._equal_size_order(fake, f"size_{e}"),
+                     "equal_size_order": C.equal_size_order(fake, f"size_{e}"),
                      "empty": sum(math.isinf(v) for v in values)})
     p = result["signal"].get("friedman_p")
     return {"task": run.name, "rows": rows, "max_size_mismatch": mismatch,

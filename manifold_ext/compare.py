@@ -38,13 +38,18 @@ from .baselines import BASELINES, compute_baselines
 from . import distributed as D
 from . import manifold as M
 from ._io import save_state, write_text
+from .run_dir import check_config, check_out, load_unit, safe_name, unit_path, write_unit
 from ._safe_load import PickledObjectsError, load_tensors, reason
 from .builtin import Benchmark, Candidate, Task
 from .expand import Widen, expand, preservation_error
 from .outputs import logits
-from .outputs import mean_loss as _output_loss
-from .training import evaluating, train
-from .stats import gain_signal, rank_correlation, within_seed_correlation
+from .training import IGNORE, accuracy, evaluating, mean_loss, train
+# The run's statistics are part of compare's public names (C.SIGNAL_P, C.equal_size_order, ...).
+from .compare_stats import (CHANCE_MARGIN, EQUAL_SIZE_TOLERANCE, PRESERVING, SIGNAL_P, UNIGRAM_MARGIN,  # noqa: F401
+                            add_gains, correlation_row, equal_size, equal_size_order, metric_names,
+                            metric_value, warnings_of)
+from .compare_stats import ranking as ranking_of
+from .stats import gain_signal
 
 ESTIMATOR_NAMES = tuple(M.ESTIMATORS)
 # The estimators a run measures, and their options, unless told otherwise: chosen on the suite
@@ -53,13 +58,8 @@ DEFAULT_ESTIMATORS = ("radius", "minima")
 # minima's runs train at the training learning rate for 3 epochs, long enough to move the end
 # points apart but not out of S for a preserving expansion (docs/suite.md).
 DEFAULT_ESTIMATOR_OPTIONS = {"minima": {"lr": 1e-3, "epochs": 3}}
-PRESERVING = 1e-4  # an expansion whose measured preservation error is below this preserves the function
-CHANCE_MARGIN = 0.05  # a base less than this (5 points of accuracy) above chance is at chance level
 CHANCE_CAP = 0.5  # the threshold lies at most this fraction of the way from the base's loss to ln K
-UNIGRAM_MARGIN = 0.1  # a language model whose test loss is not this far (nats) below the unigram's
-SIGNAL_P = 0.05  # a Friedman p-value above this: the gains do not differ beyond the seed spread
 LOSSES = ("cross_entropy", "lm")  # Settings.loss: classification, or next-token prediction
-IGNORE = -100  # a target that does not count (the engine's ignore_index)
 PRESERVATION_ROWS = 64  # training inputs the preservation error is measured on when expand has no default
 
 
@@ -195,7 +195,6 @@ class Settings:
         return cls(**d)
 
 
-EQUAL_SIZE_TOLERANCE = 0.005
 
 QUICK = dict(seeds=2, finetune_epochs=3, probe_examples=256, n_boot=500,
              estimator_options={"radius": {"directions": 8, "grid": (1e-3, 10.0, 10), "bisect": 8},
@@ -225,44 +224,7 @@ def settings_for(bench: Benchmark, *, quick: bool = False, **overrides) -> Setti
     return Settings.from_dict(d)
 
 
-# ----------------------------------------------------------------------------- training
-
-
-def _loss(model: nn.Module, x, y, loss: str = "cross_entropy") -> torch.Tensor:
-    return _output_loss(model(x), y, loss)
-
-
-def _aligned(out: torch.Tensor, y: torch.Tensor, loss: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(logits, targets)`` paired position by position: for ``"lm"``, position t predicts
-    ``y[:, t + 1]`` (the last position predicts nothing, the first target is never predicted)."""
-    if loss == "lm":
-        return out[:, :-1], y[:, 1:]
-    return out, y
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x, y, loss: str = "cross_entropy") -> float:
-    """Test accuracy in eval mode: the share of examples whose class is the argmax of the logits;
-    for ``loss="lm"``, the next-token accuracy: the share of positions 1.. whose target is the
-    argmax at the previous position (targets of -100 do not count)."""
-    model.eval()
-    out, y = _aligned(logits(model(x)), y, loss)
-    return (out.argmax(-1) == y)[y != IGNORE].double().mean().item()
-
-
-@torch.no_grad()
-def mean_loss(model: nn.Module, x, y, loss: str = "cross_entropy") -> float:
-    """Mean loss in eval mode: the cross-entropy, or for ``loss="lm"`` the next-token
-    cross-entropy over every predicted position."""
-    model.eval()
-    return _loss(model, x, y, loss).item()
-
-
 # ----------------------------------------------------------------------------- units
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def _fresh_base(bench: Benchmark, seed: int, base: Optional[nn.Module] = None) -> nn.Module:
@@ -572,79 +534,6 @@ class CompareResult:
         return text
 
 
-def _differences(old: dict, new: dict, keys: List[str]) -> str:
-    """What differs between a run's config and this one, by name, with both values."""
-    parts = []
-    for k in keys:
-        a, b = old.get(k), new.get(k)
-        if k == "settings" and isinstance(a, dict) and isinstance(b, dict):
-            default = asdict(Settings())
-            for name in sorted(set(a) | set(b)):
-                va, vb = a.get(name, default.get(name)), b.get(name, default.get(name))
-                if json.dumps(va, sort_keys=True) != json.dumps(vb, sort_keys=True):
-                    parts.append(f"setting {name}: {va!r} in the run, {vb!r} now")
-        elif k == "candidates" and isinstance(a, list) and isinstance(b, list):
-            names_a, names_b = [c.get("name") for c in a], [c.get("name") for c in b]
-            parts.append(f"candidates: {names_a} in the run, {names_b} now" if names_a != names_b
-                         else "candidates: the same names with other specs")
-        else:
-            parts.append(f"{k}: {a!r} in the run, {b!r} now")
-    return "; ".join(parts) or "its config differs"
-
-
-def _check_config(out: Path, config: dict, resume: bool) -> None:
-    path = out / "config.json"
-    if path.exists():
-        if not resume:
-            raise ValueError(f"{out} already holds a compare run; pass resume=True (--resume) to "
-                             "continue it, or choose another output directory")
-        try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is corrupt ({err}); remove the directory to start afresh") from None
-        if old != config:
-            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-            if diff == ["base"]:
-                raise ValueError(f"cannot resume {out}: it was run from another base (its base: "
-                                 f"{old.get('base') or 'trained by compare'}; this one: "
-                                 f"{config.get('base') or 'trained by compare'})")
-            raise ValueError(f"cannot resume {out}: {_differences(old, json.loads(json.dumps(config)), diff)}; "
-                             f"resume with the run's settings, or choose another output directory")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text(path, json.dumps(config, indent=1, sort_keys=True, default=str))
-
-
-_UNIT_KEYS = ("seed", "candidate", "parameters", "preservation_error", "test_accuracy", "test_loss", "sizes",
-              "baselines", "estimates")
-
-
-def _load_unit(path: Path, seed: int, cand: Candidate, settings: Settings) -> Optional[dict]:
-    """The finished unit in ``path``, or None when it must be computed: absent, or unreadable
-    (torn, corrupt, or not this seed's and candidate's unit), which is reported in one line on
-    stderr naming the file."""
-    if not path.exists():
-        return None
-    try:
-        unit = json.loads(path.read_text())
-        problem = None
-        if not isinstance(unit, dict):
-            problem = f"holds a JSON {type(unit).__name__}, not a unit"
-        elif any(k not in unit for k in _UNIT_KEYS):
-            problem = f"lacks {[k for k in _UNIT_KEYS if k not in unit]}"
-        elif unit["seed"] != seed or unit["candidate"] != cand.name:
-            problem = f"holds seed {unit['seed']!r}, candidate {unit['candidate']!r}"
-        elif not isinstance(unit["sizes"], dict) or any(e not in unit["sizes"] for e in settings.estimators) \
-                or not isinstance(unit["baselines"], dict) or any(b not in unit["baselines"] for b in settings.baselines):
-            problem = "lacks some of the run's metrics"
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        problem = f"cannot be read ({type(err).__name__})"
-    if problem is None:
-        return unit
-    print(f"compare: {path} {problem}: computing that unit again", file=sys.stderr)
-    return None
-
-
 def compare(bench: Benchmark, settings: Settings, out: Path, *, base: Optional[nn.Module] = None,
             resume: bool = False, quiet: bool = False, device=None) -> CompareResult:
     """Run the whole workflow on ``bench`` (see the module docstring) and write
@@ -694,8 +583,8 @@ def compare(bench: Benchmark, settings: Settings, out: Path, *, base: Optional[n
     result.base_fingerprint = config.get("base")
     if D.is_main():
         for (seed, cand), unit in zip(jobs, units):  # another node's units, without a shared disk
-            if not _unit_path(out, seed, cand).exists():
-                _write_unit(_unit_path(out, seed, cand), unit)
+            if not unit_path(out, seed, cand.name).exists():
+                write_unit(unit_path(out, seed, cand.name), unit)
         result.to_json(out / "results.json")
     D.barrier()
     return result
@@ -709,9 +598,9 @@ def _check_candidate_names(candidates: Sequence[Candidate]) -> None:
                          f"{sorted({n for n in names if names.count(n) > 1})}")
     files = {}
     for n in names:  # each candidate's unit file is named after it: two names must not share one
-        other = files.setdefault(_safe(n), n)
+        other = files.setdefault(safe_name(n), n)
         if other != n:
-            raise ValueError(f"candidate names {other!r} and {n!r} would share the unit file units/seed*/{_safe(n)}.json "
+            raise ValueError(f"candidate names {other!r} and {n!r} would share the unit file units/seed*/{safe_name(n)}.json "
                              f"(characters other than letters, digits, '-', '_' and '.' become '_'): rename one")
 
 
@@ -750,7 +639,7 @@ def _shared_bases(bench: Benchmark, settings: Settings, base: Optional[nn.Module
     failure, base_models = None, None
     if D.is_main():
         try:
-            _check_config(out, config, resume)
+            check_config(out, config, resume, asdict(Settings()))
             base_models = [_base(bench, settings, seed, out, task=t) if base is None
                            else _given_base(bench, base, seed, out) for seed in range(settings.seeds)]
         except ValueError as err:
@@ -788,11 +677,11 @@ def _run_units(jobs, base_models: List[nn.Module], bases: List[dict], t: Task, s
     with D.local():
         for i in mine:
             seed, cand = jobs[i]
-            path = _unit_path(out, seed, cand)
-            unit = _load_unit(path, seed, cand, settings) if resume else None
+            path = unit_path(out, seed, cand.name)
+            unit = load_unit(path, seed, cand.name, settings.estimators, settings.baselines) if resume else None
             if unit is None:
                 unit = run_unit(base_models[seed], cand, t, settings, seed, bases[seed]["threshold"])
-                _write_unit(path, unit)
+                write_unit(path, unit)
             done[i] = unit
             bar.update(D.world())
             bar.set_postfix_str(f"seed {seed}: {cand.name}")
@@ -802,155 +691,7 @@ def _run_units(jobs, base_models: List[nn.Module], bases: List[dict], t: Task, s
     return [done[i] for i in range(len(jobs))]
 
 
-def check_out(out: Path) -> None:
-    """ValueError (``out: ...``) when ``out`` cannot be a run's output directory: it is a file, or
-    a file stands where one of its parents must be created."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out: {str(out)!r} exists and is not a directory (a run writes a directory of results)")
-    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise ValueError(f"out: {str(out)!r} cannot be created: {str(blocker)!r} is a file, not a directory")
-
-
-def _unit_path(out: Path, seed: int, cand: Candidate) -> Path:
-    return out / "units" / f"seed{seed}" / f"{_safe(cand.name)}.json"
-
-
-def _write_unit(path: Path, unit: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text(path, json.dumps(unit, indent=1))
-
-
 # ----------------------------------------------------------------------------- summary
-
-
-def metric_names(settings: Settings) -> List[str]:
-    """Every metric compared: ``size_<estimator>`` then the baselines."""
-    return [f"size_{e}" for e in settings.estimators] + list(settings.baselines)
-
-
-def _metric(unit: dict, name: str) -> float:
-    if name.startswith("size_"):
-        return unit["sizes"][name[5:]]
-    return unit["baselines"][name]
-
-
-def equal_size(a: int, b: int) -> bool:
-    """Whether two parameter counts are equal within :data:`EQUAL_SIZE_TOLERANCE` (relative): some
-    architectures (GPT-2's blocks have biases) allow no width expansion of exactly a block's size."""
-    return abs(a - b) <= EQUAL_SIZE_TOLERANCE * max(a, b)
-
-
-def _equal_size_order(units: List[dict], name: str) -> Optional[float]:
-    """Share of pairs of candidates of equal size (:func:`equal_size`, same seed) that the metric
-    puts in the order of their gains (ties in either count half)."""
-    score, pairs = 0.0, 0
-    for i, a in enumerate(units):
-        for b in units[i + 1:]:
-            if a["seed"] != b["seed"] or not equal_size(a["parameters"], b["parameters"]):
-                continue
-            dg = a["gain_over_base"] - b["gain_over_base"]
-            dm = _metric(a, name) - _metric(b, name)
-            if math.isnan(dm):
-                continue
-            pairs += 1
-            score += 0.5 if dg == 0 or dm == 0 else float((dg > 0) == (dm > 0))
-    return score / pairs if pairs else None
-
-
-def _add_gains(units: List[dict], bases: List[dict]) -> None:
-    """Each unit's gains in test accuracy points over its seed's base and (when the run has one)
-    over its seed's control, added to the unit."""
-    base_acc = {b["seed"]: b["test_accuracy"] for b in bases}
-    control = {u["seed"]: u["test_accuracy"] for u in units if u["candidate"] == "control"}
-    for u in units:
-        u["gain_over_base"] = 100 * (u["test_accuracy"] - base_acc[u["seed"]])
-        u["gain_over_control"] = (100 * (u["test_accuracy"] - control[u["seed"]])
-                                  if u["seed"] in control else None)
-
-
-def _ranking(candidates: Sequence[Candidate], units: List[dict], estimator: str) -> List[dict]:
-    """The candidates by ``estimator``'s mean size over the seeds (-inf when any seed's region is
-    empty), largest first, with their mean gains."""
-    ranking = []
-    for cand in candidates:
-        mine = [u for u in units if u["candidate"] == cand.name]
-        gains = torch.tensor([u["gain_over_base"] for u in mine], dtype=torch.float64)
-        sizes = [u["sizes"][estimator] for u in mine]
-        finite = [s for s in sizes if math.isfinite(s)]
-        ranking.append({
-            "candidate": cand.name, "parameters": mine[0]["parameters"],
-            "gain_over_base": gains.mean().item(),
-            "gain_std": gains.std().item() if len(mine) > 1 else None,
-            "gain_over_control": (sum(u["gain_over_control"] for u in mine) / len(mine)
-                                  if all(u["gain_over_control"] is not None for u in mine) else None),
-            "size": sum(finite) / len(finite) if len(finite) == len(sizes) else -math.inf,
-            "empty": len(sizes) - len(finite),
-        })
-    ranking.sort(key=lambda r: r["size"], reverse=True)
-    for i, r in enumerate(ranking):
-        r["rank"] = i + 1
-    return ranking
-
-
-def _correlation_row(name: str, units: List[dict], n_boot: int) -> dict:
-    """Metric ``name`` against the gains: within each seed (the headline), pooled, within each
-    seed over the function-preserving candidates only, and the equal-size order."""
-    gains = [u["gain_over_base"] for u in units]
-    groups = [u["candidate"] for u in units]
-    seeds_of = [u["seed"] for u in units]
-    values = [_metric(u, name) for u in units]
-    row = asdict(within_seed_correlation(values, gains, seeds_of, groups, metric=name, n_boot=n_boot, seed=0))
-    pooled = rank_correlation(values, gains, metric=name, groups=groups, n_boot=n_boot, seed=0)
-    row["pooled_spearman"], row["pooled_spearman_ci"] = pooled.spearman, pooled.spearman_ci
-    # The function-preserving expansions (and the control): a subset fixed before any metric is
-    # seen, without the broken candidates whose collapse any metric can spot.
-    kept = [i for i, u in enumerate(units)
-            if u["preservation_error"] is not None and u["preservation_error"] <= PRESERVING]
-    sub = within_seed_correlation([values[i] for i in kept], [gains[i] for i in kept],
-                                  [seeds_of[i] for i in kept], [groups[i] for i in kept], n_boot=n_boot, seed=0)
-    row["preserving_spearman"], row["preserving_spearman_ci"], row["preserving_n"] = sub.spearman, sub.spearman_ci, sub.n
-    row["equal_size_order"] = _equal_size_order(units, name)
-    return row
-
-
-def _warnings(bases: List[dict], signal: dict, n_seeds: int, n_candidates: int, multiple: float) -> List[str]:
-    """The warnings :func:`summarise` describes, in that order."""
-    warnings = []
-    chance = [b["chance_accuracy"] for b in bases if b.get("chance_accuracy") is not None]
-    if chance:
-        acc = sum(b["test_accuracy"] for b in bases) / len(bases)
-        if acc < chance[0] + CHANCE_MARGIN:
-            warnings.append(f"the base is at chance level (test accuracy {100 * acc:.1f}% vs chance "
-                            f"{100 * chance[0]:.1f}%): the gains below measure noise, not expansion")
-    unigram = [b for b in bases if b.get("unigram_loss") is not None]
-    if unigram:
-        lm_loss = sum(b["test_loss"] for b in unigram) / len(unigram)
-        if lm_loss > unigram[0]["unigram_loss"] - UNIGRAM_MARGIN:
-            warnings.append(f"the base has not learned beyond token frequencies (test loss {lm_loss:.3g} vs "
-                            f"{unigram[0]['unigram_loss']:.3g} of the unigram model): the gains below measure "
-                            f"noise, not expansion")
-    over = [b for b in bases if b.get("chance_loss") is not None and b["threshold"] >= b["chance_loss"]]
-    if over:
-        b = max(over, key=lambda b: b["threshold"] - b["chance_loss"])
-        which = f" (for {len(over)} of the {len(bases)} seeds' bases)" if len(over) < len(bases) else ""
-        limits = [o["chance_loss"] / o["probe_loss"] for o in over if o["probe_loss"] > 0]
-        advice = (f"set threshold_multiple below {min(limits):.3g}" if limits and min(limits) > 1
-                  else "the base's own probe loss is not below it")
-        warnings.append(f"the loss threshold is not below the chance-level loss{which}: {multiple:g} x "
-                        f"the base's probe loss {b['probe_loss']:.3g} = {b['threshold']:.3g} >= ln({b['outputs']}) = "
-                        f"{b['chance_loss']:.3g}, the loss of uniform predictions over its {b['outputs']} outputs; "
-                        f"the manifold sizes take in models no better than chance: {advice}")
-    p = signal["friedman_p"]
-    if p is not None and p > SIGNAL_P:
-        text = (f"the candidates' gains do not differ beyond the seed spread (Friedman p = {p:.2g}): "
-                "no ranking conclusion can be drawn")
-        if signal["friedman_min_p"] > SIGNAL_P:
-            text += (f" (with {n_seeds} seeds and {n_candidates} candidates, p cannot fall "
-                     f"below {signal['friedman_min_p']:.2g}: run more seeds)")
-        warnings.append(text)
-    return warnings
 
 
 def summarise(bench: Benchmark, settings: Settings, bases: List[dict], units: List[dict]) -> CompareResult:
@@ -971,13 +712,13 @@ def summarise(bench: Benchmark, settings: Settings, bases: List[dict], units: Li
       (0.05). ``CompareResult.signal`` holds the p-value, the spread of the candidates' mean gains
       and the mean spread across seeds.
     """
-    _add_gains(units, bases)
+    add_gains(units, bases)
     seeds = sorted({u["seed"] for u in units})
     by_unit = {(u["seed"], u["candidate"]): u["gain_over_base"] for u in units}
     signal = gain_signal([[by_unit[(s, c.name)] for c in bench.candidates] for s in seeds])
-    ranking = _ranking(bench.candidates, units, settings.default_estimator)
-    correlations = [_correlation_row(name, units, settings.n_boot) for name in metric_names(settings)]
-    warnings = _warnings(bases, signal, len(seeds), len(bench.candidates), settings.threshold_multiple)
+    ranking = ranking_of(bench.candidates, units, settings.default_estimator)
+    correlations = [correlation_row(name, units, settings.n_boot) for name in metric_names(settings)]
+    warnings = warnings_of(bases, signal, len(seeds), len(bench.candidates), settings.threshold_multiple)
     return CompareResult(settings=json.loads(json.dumps(asdict(settings), default=str)),
                          candidates=[c.to_dict() for c in bench.candidates], bases=bases,
                          units=units, ranking=ranking, correlations=correlations, signal=signal,

@@ -1,4 +1,5 @@
-"""The one training loop of the package, and the train/eval mode a measurement runs in.
+"""The one training loop of the package, the train/eval mode a measurement runs in, and a trained
+model's accuracy and loss.
 
 Base models, adaptation, fine-tuning (:mod:`manifold_ext.compare`), the ``minima`` estimator's
 runs (:mod:`manifold_ext.manifold`) and the demo all train through :func:`train`, so a seed means
@@ -15,9 +16,11 @@ from typing import Iterator, Union
 import torch
 from torch import nn
 
-from .outputs import mean_loss
+from .outputs import logits
+from .outputs import mean_loss as output_loss
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+IGNORE = -100  # a target that does not count (the engine's ignore_index)
 
 
 def train(model: nn.Module, x, y, *, epochs: int, lr: float, batch_size: int, seed: int,
@@ -45,7 +48,7 @@ def train(model: nn.Module, x, y, *, epochs: int, lr: float, batch_size: int, se
         for i in range(0, len(x), batch_size):
             idx = perm[i:i + batch_size]
             optimizer.zero_grad()
-            mean_loss(model(x[idx]), y[idx], loss).backward()
+            output_loss(model(x[idx]), y[idx], loss).backward()
             optimizer.step()
     model.eval()
     return optimizer
@@ -63,3 +66,29 @@ def evaluating(*models: nn.Module) -> Iterator[None]:
     finally:
         for m, mode in modes:
             m.training = mode
+
+
+def _aligned(out: torch.Tensor, y: torch.Tensor, loss: str):
+    """``(logits, targets)`` paired position by position: for ``"lm"``, position t predicts
+    ``y[:, t + 1]`` (the last position predicts nothing, the first target is never predicted)."""
+    if loss == "lm":
+        return out[:, :-1], y[:, 1:]
+    return out, y
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x, y, loss: str = "cross_entropy") -> float:
+    """Accuracy in eval mode: the share of examples whose class is the argmax of the logits; for
+    ``loss="lm"``, the next-token accuracy: the share of positions 1.. whose target is the argmax
+    at the previous position (targets of -100 do not count)."""
+    with evaluating(model):
+        out, y = _aligned(logits(model(x)), y, loss)
+    return (out.argmax(-1) == y)[y != IGNORE].double().mean().item()
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, x, y, loss: str = "cross_entropy") -> float:
+    """Mean loss in eval mode: the cross-entropy, or for ``loss="lm"`` the next-token
+    cross-entropy over every predicted position."""
+    with evaluating(model):
+        return output_loss(model(x), y, loss).item()

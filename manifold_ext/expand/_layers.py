@@ -40,10 +40,12 @@ def children(model: nn.Module) -> Children:
 
 
 def kind(m: nn.Module) -> str:
+    """The module's class name, as messages and reports show it."""
     return type(m).__name__
 
 
 def unsupported(path: str, m: nn.Module, why: str) -> TypeError:
+    """The TypeError for a module the operators cannot carry along (``why`` says where it stands)."""
     return TypeError(f"module {path!r} ({kind(m)}) is not supported {why}; supported: {SUPPORTED}")
 
 
@@ -58,12 +60,35 @@ def select(kids: Children, pattern: str, arg: str) -> List[int]:
     return hits
 
 
+def exact_or_glob(items: list, pattern: str, key=lambda item: item) -> list:
+    """The items whose ``key`` equals ``pattern``, else those whose ``key`` matches it as a glob."""
+    return [c for c in items if key(c) == pattern] or [c for c in items if fnmatch.fnmatchcase(key(c), pattern)]
+
+
+def select_widen_targets(model: nn.Module, spec, cands: List[Tuple[str, str]], what: str) -> List[Tuple[str, str]]:
+    """The ``(path, kind)`` candidates ``spec.target`` names (exactly, else as a glob). None: a
+    TypeError when the target is some other module, else a ValueError; both list the candidates
+    (``what`` describes them)."""
+    hits = exact_or_glob(cands, spec.target, key=lambda c: c[0])
+    if hits:
+        return hits
+    paths = [p for p, _ in cands]
+    mods = dict(model.named_modules())
+    if spec.target in mods:
+        raise TypeError(
+            f"Widen.target={spec.target!r}: module {spec.target!r} ({kind(mods[spec.target])}) cannot be widened on "
+            f"{type(model).__name__}; widenable: {what}: {paths}"
+        )
+    raise ValueError(f"Widen.target={spec.target!r} matches no widenable module of {type(model).__name__}; "
+                     f"widenable: {what}: {paths}")
+
+
 def match_insertion_points(model: nn.Module, after: str, paths: List[str], *, not_one: str,
                            listing: str) -> List[str]:
     """The paths among ``paths`` (the places a Deepen may insert after) that ``after`` names,
     exactly or as a glob. None: a TypeError when ``after`` is some other module (``not_one``
     says what it is not), else a ValueError; both list ``paths`` (``listing`` introduces them)."""
-    hits = [p for p in paths if p == after] or [p for p in paths if fnmatch.fnmatchcase(p, after)]
+    hits = exact_or_glob(paths, after)
     if hits:
         return hits
     mods = dict(model.named_modules())
@@ -74,6 +99,7 @@ def match_insertion_points(model: nn.Module, after: str, paths: List[str], *, no
 
 
 def is_pattern(s: str) -> bool:
+    """Whether ``s`` holds glob characters."""
     return any(c in s for c in "*?[")
 
 
@@ -94,6 +120,7 @@ def next_consumer(kids: Children, i: int) -> Optional[int]:
 
 
 def check_conv(path: str, m: nn.Conv2d, role: str) -> None:
+    """TypeError unless the convolution has groups=1 (``role`` names its part in the growth)."""
     # Grouped convolutions tie channels together in blocks: copying one channel is not enough.
     if m.groups != 1:
         raise TypeError(
@@ -161,11 +188,13 @@ def uniform(shape, bound: float, like: Tensor, generator) -> Tensor:
 
 
 def gaussian(shape, std: float, like: Tensor, generator) -> Tensor:
+    """N(0, std^2) drawn on the CPU (so one CPU generator serves models on any device)."""
     g = torch.randn(shape, generator=generator, dtype=torch.float64) * std
     return g.to(device=like.device, dtype=like.dtype)
 
 
 def fresh_bound(fan_in: int) -> float:
+    """The bound of a fresh nn.Linear's (or nn.Conv2d's) uniform init for this fan-in."""
     # nn.Linear.reset_parameters: kaiming_uniform(a=sqrt(5)) and the bias both reduce to 1/sqrt(fan_in).
     return 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
 
@@ -194,16 +223,33 @@ def replace_param(mod: nn.Module, name: str, value: Optional[Tensor]) -> None:
 
 
 def resize_linear(lin: nn.Linear, w: Tensor, b: Optional[Tensor]) -> None:
+    """Give ``lin`` the weight ``w`` and bias ``b`` (the module object is kept) and their shape."""
     replace_param(lin, "weight", w)
     replace_param(lin, "bias", b)
     lin.out_features, lin.in_features = w.shape
 
 
 def resize_conv(conv: nn.Conv2d, w: Tensor, b: Optional[Tensor]) -> None:
+    """Give ``conv`` the weight ``w`` and bias ``b`` (the module object is kept) and their channels."""
     replace_param(conv, "weight", w)
     replace_param(conv, "bias", b)
     conv.out_channels, conv.in_channels = w.shape[:2]
 
 
 def n_params(model: nn.Module) -> int:
+    """The number of parameters of ``model``."""
     return sum(p.numel() for p in model.parameters())
+
+
+def fixed_seed_tokens(vocab: int, length: int, device) -> Tensor:
+    """64 random token sequences of ``length`` ids below ``vocab``, drawn from seed 0 (the
+    caller's RNG is untouched), on ``device``."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab, (64, length), generator=g).to(device)
+
+
+def fixed_seed_normal(shape, like: Tensor) -> Tensor:
+    """Standard-normal inputs of ``shape``, drawn from seed 0 (the caller's RNG is untouched),
+    on ``like``'s device and dtype."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(*shape, generator=g).to(device=like.device, dtype=like.dtype)

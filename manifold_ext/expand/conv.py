@@ -15,11 +15,10 @@ Initialisations, as for ``width.widen`` (there is no LayerNorm here, so no mean 
 
 * ``net2net``: new channels copy existing ones, drawn without replacement in rounds (counts
   differ by at most one); B's weights for each copy (a kernel slice, or an H*W column block) are
-  divided by the source's count: exact. Measured max error on 600 random small CNNs (1-3 conv
-  blocks, Conv or Flatten+Linear heads, float32, eval, random BatchNorm2d statistics, unit-scale
-  outputs, one layer or all at once, factors 1.3 to 3): 5.4e-7; the tests check 1e-5.
+  divided by the source's count: exact (up to float rounding; tests/test_expand_conv.py checks
+  1e-5 in float32).
 * ``zero``: new channels get fresh incoming kernels (``nn.Conv2d``'s default init, fan-in of A)
-  and zero weights in B: exact (measured max 2.4e-7 on the same CNNs).
+  and zero weights in B: exact.
 * ``random``: new incoming kernels and B's new weights as fresh layers would have them (fan-in of
   A, and of B's new input size): not preserving.
 
@@ -29,12 +28,12 @@ New BatchNorm2d entries for non-copied channels are fresh (mean 0, var 1, weight
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from . import _layers as L
+from ._claims import width_claim
+from ._units import copy_sources, grow_batchnorm, grow_inputs, grow_outputs, plan_new_units
 from .report import LayerChange
-from .width import _grow_bn, _plan
 
 
 def widen_conv(model: nn.Sequential, i: int, m: int, init: str, noise: float, generator=None) -> LayerChange:
@@ -46,52 +45,32 @@ def widen_conv(model: nn.Sequential, i: int, m: int, init: str, noise: float, ge
     path_b, b = kids[j]
     n = a.out_channels
     hw = L.check_per_channel(kids, i + 1, j, n, f"between {path_a!r} and {path_b!r} when widening")
-    copies, _, n_fresh = _plan(n, m, init, False, generator)
-    src = torch.cat([torch.arange(n), copies])  # source channel of every non-fresh channel
-    counts = torch.bincount(src, minlength=n)
-    w = a.weight.detach()
-    dev = w.device
-    sidx = src.to(dev)
-
-    # nn.Conv2d.reset_parameters: weight and bias bounds both reduce to 1/sqrt(in_channels*kh*kw).
-    bound = L.fresh_bound(w[0].numel())
-    new_w = torch.cat([w[sidx], L.uniform((n_fresh,) + tuple(w.shape[1:]), bound, w, generator)])
-    if noise:
-        new_w[n:] += L.gaussian(new_w[n:].shape, noise, w, generator)
-    new_b = None
-    if a.bias is not None:
-        new_b = torch.cat([a.bias.detach()[sidx], L.uniform((n_fresh,), bound, a.bias, generator)])
-    L.resize_conv(a, new_w, new_b)
+    copies, _, n_fresh = plan_new_units(n, m, init, False, generator)
+    src, counts = copy_sources(n, copies)  # the source channel of every non-fresh channel
+    sidx = src.to(a.weight.device)
+    bias = None if a.bias is None else a.bias.detach()
+    L.resize_conv(a, *grow_outputs(a.weight.detach(), bias, sidx, 0, n_fresh, noise, generator))
     for _, mod in kids[i + 1 : j]:
         if isinstance(mod, nn.BatchNorm2d):
-            _grow_bn(mod, sidx, m)
-
-    # B's weights as (out, channel, per-channel inputs): kernels for a Conv2d, H*W blocks for a Linear.
-    wb = b.weight.detach()
-    v = wb.reshape(wb.shape[0], n, hw) if isinstance(b, nn.Linear) else wb
-    scale = counts.to(dev, wb.dtype)[sidx].view(1, -1, *([1] * (v.dim() - 2)))
-    extra = (v.shape[0], n_fresh) + tuple(v.shape[2:])
-    if init == "random":
-        fresh = L.uniform(extra, L.fresh_bound(m * v[0, 0].numel()), wb, generator)
-    else:
-        fresh = wb.new_zeros(extra)
-    new_v = torch.cat([v[:, sidx] / scale, fresh], 1)
-    if noise:
-        new_v[:, n:] += L.gaussian(new_v[:, n:].shape, noise, wb, generator)
-    if isinstance(b, nn.Linear):
-        L.resize_linear(b, new_v.reshape(v.shape[0], m * hw), b.bias)
-    else:
-        L.resize_conv(b, new_v, b.bias)
-
-    if init == "random":
-        exact, note = False, "random new channels: not preserving"
-    else:
-        exact, note = True, f"{init}: exact"
-    if noise:
-        exact, note = False, note + f"; noise std {noise}: not preserving"
+            grow_batchnorm(mod, sidx, m)
+    _grow_consumer(b, n, m, hw, sidx, counts, n_fresh, init, noise, generator)
+    exact, note = width_claim(init, noise, "random new channels: not preserving", f"{init}: exact", f"{init}: exact")
     return LayerChange(
         op="widen", path=path_a, kind="Conv2d", init=init,
         before=[a.in_channels, n], after=[a.in_channels, m], exact=exact, note=note,
         detail={"copied": int(len(copies)), "mean_units": 0, "fresh": int(n_fresh),
                 "consumer": L.kind(b), "features_per_channel": int(hw)},
     )
+
+
+def _grow_consumer(b: nn.Module, n: int, m: int, hw: int, sidx, counts, n_fresh: int, init: str, noise: float,
+                   generator) -> None:
+    """Grow the inputs of B, a Conv2d or a Linear after a Flatten, for the widened channels."""
+    # B's weights as (out, channel, per-channel inputs): kernels for a Conv2d, H*W blocks for a Linear.
+    wb = b.weight.detach()
+    v = wb.reshape(wb.shape[0], n, hw) if isinstance(b, nn.Linear) else wb
+    new_v = grow_inputs(v, sidx, counts, n_fresh, init, noise, generator)
+    if isinstance(b, nn.Linear):
+        L.resize_linear(b, new_v.reshape(v.shape[0], m * hw), b.bias)
+    else:
+        L.resize_conv(b, new_v, b.bias)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import _layers as L
+from ._claims import with_noise
 from .report import LayerChange
 from .specs import Deepen
 
@@ -42,6 +43,7 @@ def _neighbour(kids, start, step):
 
 
 def _identity_exact(kids, idx, act) -> tuple:
+    """``(exact, note)`` for an identity layer with activation ``act`` inserted after child ``idx``."""
     if act is None or type(act) is nn.Identity:
         return True, "identity layer, no activation: exact"
     if type(act) is nn.ReLU:
@@ -68,8 +70,20 @@ def _blocks(kids, idx: int, spec: Deepen, generator):
     L.check_per_feature(kids, p + 1, idx + 1, w, f"between {prev_path!r} and the insertion point {path!r}")
     stop = L.next_linear(kids, p) or len(kids)
     act = next((m for _, m in kids[p + 1 : stop] if isinstance(m, L.ACTIVATIONS)), None)
-    like = prev.weight.detach()
-    has_bias = prev.bias is not None
+    _check_init(spec, prev_path, prev)
+    blocks = [(_new_layer(prev, w, spec, generator), None if act is None else copy.deepcopy(act))
+              for _ in range(spec.count)]
+    if spec.init == "identity":
+        exact, note = _identity_exact(kids, idx, act)
+    else:
+        exact, note = False, f"{spec.init} layer: not preserving"
+    exact, note = with_noise(exact, note, spec.noise)
+    return blocks, exact, note, w, act
+
+
+def _check_init(spec: Deepen, prev_path: str, prev: nn.Linear) -> None:
+    """ValueError for an init an nn.Sequential cannot take: ``zero`` (no residual path), or
+    ``copy`` of a Linear that is not square."""
     if spec.init == "zero":
         raise ValueError(
             f"Deepen.after={spec.after!r}: init='zero' needs a residual block, and an nn.Sequential has no "
@@ -80,27 +94,23 @@ def _blocks(kids, idx: int, spec: Deepen, generator):
             f"Deepen.after={spec.after!r}: init='copy' copies module {prev_path!r} (Linear), which must be square; "
             f"its shape is in_features={prev.in_features}, out_features={prev.out_features}"
         )
-    blocks = []
-    for _ in range(spec.count):
-        if spec.init == "identity":
-            weight, bias = torch.eye(w, device=like.device, dtype=like.dtype), like.new_zeros(w)
-        elif spec.init == "random":
-            bound = L.fresh_bound(w)
-            weight, bias = L.uniform((w, w), bound, like, generator), L.uniform((w,), bound, like, generator)
-        else:  # copy
-            weight = like.clone()
-            bias = prev.bias.detach().clone() if has_bias else like.new_zeros(w)
-        if spec.noise:
-            weight = weight + L.gaussian((w, w), spec.noise, like, generator)
-        lin = L.new_linear(prev, weight, bias if has_bias else None)
-        blocks.append((lin, None if act is None else copy.deepcopy(act)))
+
+
+def _new_layer(prev: nn.Linear, w: int, spec: Deepen, generator) -> nn.Linear:
+    """A new ``Linear(w, w)``: the identity, fresh, or a copy of ``prev``; noise added to its weight."""
+    like = prev.weight.detach()
+    has_bias = prev.bias is not None
     if spec.init == "identity":
-        exact, note = _identity_exact(kids, idx, act)
-    else:
-        exact, note = False, f"{spec.init} layer: not preserving"
+        weight, bias = torch.eye(w, device=like.device, dtype=like.dtype), like.new_zeros(w)
+    elif spec.init == "random":
+        bound = L.fresh_bound(w)
+        weight, bias = L.uniform((w, w), bound, like, generator), L.uniform((w,), bound, like, generator)
+    else:  # copy
+        weight = like.clone()
+        bias = prev.bias.detach().clone() if has_bias else like.new_zeros(w)
     if spec.noise:
-        exact, note = False, note + f"; noise std {spec.noise}: not preserving"
-    return blocks, exact, note, w, act
+        weight = weight + L.gaussian((w, w), spec.noise, like, generator)
+    return L.new_linear(prev, weight, bias if has_bias else None)
 
 
 def deepen_all(model: nn.Sequential, spec: Deepen, generator: Optional[torch.Generator]) -> list:

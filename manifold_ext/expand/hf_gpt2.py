@@ -73,16 +73,11 @@ compared on its ``last_hidden_state``).
   preserving. Refused for a ``GPT2Model`` (its output is the residual stream: the output shape
   would change) and with ``add_cross_attention`` (the encoder's width is ``n_embd`` too).
   ``config.n_embd`` and ``layer_norm_epsilon`` are updated. (Adding heads at a fixed ``head_dim``
-  would need ``n_embd = n_head * head_dim`` to grow by the same amount; not offered.)
+  instead grows ``n_embd`` by the new heads' dimensions: ``Widen("transformer.h.*.attn")`` above.)
 
-Measured max |grown - base| (float32, eval, 20 random configs of width 8 to 32, 1 to 3 blocks,
-1 to 4 heads, with random LayerNorm parameters and Conv1D biases; 16 sequences of 16 tokens;
-logits / LM loss): ff net2net x1.5 and x2: 1.2e-7 / 4.8e-7; ff zero: 0 / 0; depth zero (one
-block, or after every block): 0 / 0; widen+deepen+widen: 1.2e-7 / 0; greedy ``generate`` tokens
-equal the base's in all of them. Residual width net2net x2, net2net to D + 2*n_head, zero x3 (3
-configs): up to 1.5e-7 / 0. Not preserving: ff random x2 up to 0.34 / 6.6e-3, depth copy 0.16 /
-3.5e-3, depth random 1.3e-2 / 3e-4, residual random x2 0.13 to 0.19. tests/test_expand_gpt2.py
-checks 1e-5.
+"Exact" means equal up to float rounding (the grown model sums in another order):
+tests/test_expand_gpt2.py checks 1e-5 on the logits and the LM loss in float32, with random
+LayerNorm parameters and Conv1D biases, and that greedy ``generate`` gives the base's tokens.
 """
 
 from __future__ import annotations
@@ -91,22 +86,27 @@ import copy
 import dataclasses
 import math
 from collections import OrderedDict
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from . import _layers as L
+from ._claims import deepen_claim
+from ._insert import insert_after, refuse_identity
+from ._residual import ResidualPlan, residual_claim, residual_plan
+from ._units import copy_sources, grow_layernorm, head_copies
 from .registry import Family
 from .report import LayerChange
 from .specs import Deepen, Widen
-from .transformer import select
-from .width import _plan, widen
+from .width import widen
 
 _CLASSES = ("GPT2LMHeadModel", "GPT2Model")
 
 
 def _matches(model: nn.Module) -> bool:
+    """Whether ``model`` is a Hugging Face GPT-2 (by class name and module, without importing transformers)."""
     t = type(model)
     return t.__name__ in _CLASSES and t.__module__.startswith("transformers.")
 
@@ -117,14 +117,17 @@ def _prefix(model) -> str:
 
 
 def _base(model):
+    """The ``GPT2Model`` (the model itself, or a ``GPT2LMHeadModel``'s ``transformer``)."""
     return model.transformer if hasattr(model, "transformer") else model
 
 
 def _blocks(model) -> nn.ModuleList:
+    """The model's list of blocks, ``h``."""
     return _base(model).h
 
 
 def _widenable(model) -> str:
+    """What a Widen spec may name on this model, for error messages."""
     p = _prefix(model)
     return (f"{p}.<i>.mlp (feed-forward units; every block at once, e.g. '{p}.*.mlp'); "
             f"by exact path only: '{p[:-1]}wte' (the residual width n_embd, GPT2LMHeadModel only); "
@@ -132,6 +135,7 @@ def _widenable(model) -> str:
 
 
 def _shape(t) -> list:
+    """The shape of ``t`` as a list of ints."""
     return [int(s) for s in t.shape]
 
 
@@ -157,6 +161,7 @@ def _write_back(conv, lin: nn.Linear) -> None:
 
 
 def _widen_mlp(path: str, mlp, m: int, spec: Widen, generator) -> LayerChange:
+    """Grow one block's feed-forward width to ``m`` with ``width.widen`` (on Linear stand-ins)."""
     fc, proj = mlp.c_fc, mlp.c_proj
     before = {"c_fc": _shape(fc.weight), "c_proj": _shape(proj.weight)}
     D, n = fc.weight.shape
@@ -183,20 +188,24 @@ def widen_gpt2(model, spec: Widen, generator: Optional[torch.Generator]) -> list
     cands = []
     for name in blocks._modules:
         cands += [(f"{p}.{name}.mlp", "ff"), (f"{p}.{name}.attn", "heads")]
-    hits = select(model, spec, cands, _widenable(model))
-    ff = [h for h in hits if h[1] == "ff"]
+    hits = L.select_widen_targets(model, spec, cands, _widenable(model))
+    ff = [path for path, what in hits if what == "ff"]
     if not ff:  # only attention modules were named: more heads
-        paths = sorted(h[0] for h in hits)
-        if len(paths) != len(blocks):
-            raise ValueError(
-                f"Widen.target={spec.target!r} selects {len(paths)} of the {len(blocks)} blocks' attention; "
-                f"GPT2Config.n_head is one number for all blocks (and adding heads grows n_embd): widen every "
-                f"block's heads at once ('{p}.*.attn')")
-        change = _widen_residual(model, spec, generator, heads=True)
-        return [(blk.attn, dataclasses.replace(change, detail=dict(change.detail))) for blk in blocks]
-    # GPT2Config.n_inner is one number: every block must end with the same feed-forward width.
+        return _widen_all_heads(model, spec, [path for path, _ in hits], generator)
+    new = _new_ff_widths(model, spec, ff)
+    out = []
+    for path in ff:
+        mlp = blocks._modules[path[len(p) + 1:].split(".")[0]].mlp
+        out.append((mlp, _widen_mlp(path, mlp, new[path], spec, generator)))
+    return out
+
+
+def _new_ff_widths(model, spec: Widen, ff: list) -> dict:
+    """The new feed-forward width of each selected ``mlp`` path; ValueError unless every block
+    would end with the same width (``GPT2Config.n_inner`` is one number)."""
+    p, blocks = _prefix(model), _blocks(model)
     new = {}
-    for path, _ in ff:
+    for path in ff:
         fc = blocks._modules[path[len(p) + 1:].split(".")[0]].mlp.c_fc
         new[path] = spec.new_width(path, "GPT2MLP", fc.weight.shape[1])
     widths = {}
@@ -209,23 +218,93 @@ def widen_gpt2(model, spec: Widen, generator: Optional[torch.Generator]) -> list
             f"all blocks must keep the same width (this spec would leave {widths}); widen every block at once, "
             f"e.g. Widen('{p}.*.mlp', ...)"
         )
-    out = []
-    for path, _ in ff:
-        mlp = blocks._modules[path[len(p) + 1:].split(".")[0]].mlp
-        out.append((mlp, _widen_mlp(path, mlp, new[path], spec, generator)))
-    return out
+    return new
+
+
+def _widen_all_heads(model, spec: Widen, paths: list, generator) -> list:
+    """Add heads to every block's attention (``paths`` must name them all); one change per block."""
+    blocks = _blocks(model)
+    if len(paths) != len(blocks):
+        raise ValueError(
+            f"Widen.target={spec.target!r} selects {len(paths)} of the {len(blocks)} blocks' attention; "
+            f"GPT2Config.n_head is one number for all blocks (and adding heads grows n_embd): widen every "
+            f"block's heads at once ('{_prefix(model)}.*.attn')")
+    change = _widen_residual(model, spec, generator, heads=True)
+    return [(blk.attn, dataclasses.replace(change, detail=dict(change.detail))) for blk in blocks]
 
 
 # --- residual width -------------------------------------------------------------------------------
 
-def _widen_residual(model, spec: Widen, generator, heads: bool = False) -> LayerChange:
-    """Grow ``n_embd`` D -> m (and with it the attention width and ``head_dim``); with ``heads``,
-    grow ``n_head`` instead, ``n_embd`` with it by the new heads' dimensions (``head_dim`` kept).
-    See the module docstring."""
-    base = _base(model)
-    cfg = model.config
-    path = spec.target
-    D = int(base.wte.weight.shape[1])
+@dataclass
+class _Heads:
+    """How each block's attention grows: n heads of ``hd`` dims to n2 heads of ``hd2`` dims (one
+    of the two changes), and the draws that make the new heads or head dims."""
+
+    n: int
+    n2: int
+    hd: int
+    hd2: int
+    init: str
+    copies: Tensor
+    counts: Tensor
+    std: float
+    noise: float
+    generator: Optional[torch.Generator]
+
+    def pad(self, t: Tensor, dim: int, parts_n: int, q_scale: float, fill_std: float) -> Tensor:
+        """Along ``dim`` (``parts_n`` blocks of n heads of hd): every head gets hd2 - hd new dims
+        (zero, or N(0, fill_std) for random), the q block (block 0) scaled by ``q_scale``."""
+        t = t.detach()
+        shape = list(t.shape)
+        shape[dim:dim + 1] = [parts_n, self.n, self.hd]
+        v = t.reshape(shape)
+        if q_scale != 1.0:
+            v = v.clone()
+            v.select(dim, 0).mul_(q_scale)
+        pad = list(shape)
+        pad[dim + 2] = self.hd2 - self.hd
+        extra = L.gaussian(tuple(pad), fill_std, t, self.generator) if fill_std else t.new_zeros(pad)
+        out = torch.cat([v, extra], dim + 2)
+        new_shape = list(t.shape)
+        new_shape[dim] = parts_n * self.n * self.hd2
+        return out.reshape(new_shape)
+
+    def add(self, t: Tensor, dim: int, parts_n: int, rows: bool) -> Tensor:
+        """Along ``dim`` (``parts_n`` blocks of n heads of hd): n2 - n new heads. q/k/v columns
+        (``rows`` False): copies of their source heads (net2net) or fresh N(0, std); c_proj rows
+        (``rows`` True): each source head's rows and its copies' divided by its copy count
+        (net2net), zero (zero) or fresh (random)."""
+        n, n2 = self.n, self.n2
+        t = t.detach()
+        shape = list(t.shape)
+        shape[dim:dim + 1] = [parts_n, n, self.hd]
+        v = t.reshape(shape)
+        if self.init == "net2net":
+            src = torch.cat([torch.arange(n), self.copies]).to(t.device)
+            out = v.index_select(dim + 1, src)
+            if rows:
+                view = [1] * len(shape)
+                view[dim + 1] = n2
+                out = out / self.counts.to(t.device, t.dtype)[src].view(view)
+        else:
+            pad = list(shape)
+            pad[dim + 1] = n2 - n
+            zero = rows and self.init == "zero"
+            fill = t.new_zeros(pad) if zero else L.gaussian(tuple(pad), self.std, t, self.generator)
+            out = torch.cat([v, fill], dim + 1)
+        if self.noise and not rows:
+            sl = [slice(None)] * out.dim()
+            sl[dim + 1] = slice(n, None)
+            out[tuple(sl)] += L.gaussian(out[tuple(sl)].shape, self.noise, out, self.generator)
+        new_shape = list(t.shape)
+        new_shape[dim] = parts_n * n2 * self.hd
+        return out.reshape(new_shape)
+
+
+def _residual_sizes(model, spec: Widen, heads: bool) -> Tuple[int, int, int, int]:
+    """``(D, n, n2, m)``: n_embd and n_head before and after; ValueError where GPT-2 cannot take them."""
+    cfg, path = model.config, spec.target
+    D = int(_base(model).wte.weight.shape[1])
     n = int(cfg.n_head)
     if heads:
         n2 = spec.new_width(path, "GPT2Attention", n)
@@ -242,214 +321,166 @@ def _widen_residual(model, spec: Widen, generator, heads: bool = False) -> Layer
     if m % n2:
         raise ValueError(f"Widen.target={path!r}: GPT-2's attention width is n_embd and head_dim = n_embd // n_head, "
                          f"so the new width must be a multiple of n_head={n}, got {m}")
-    hd, hd2 = D // n, m // n2
-    if heads:  # new residual units are mean units (fresh for random); the new heads are copies or fresh
-        k, n_mean, n_fresh = 1, (m - D if spec.init != "random" else 0), (m - D if spec.init == "random" else 0)
-        copies = (_plan(n, n2, "net2net", False, generator)[0] if spec.init == "net2net"
-                  else torch.zeros(0, dtype=torch.long))
-        counts = torch.bincount(torch.cat([torch.arange(n), copies]), minlength=n)
-    elif spec.init == "net2net":
-        k, n_mean, n_fresh = m // D, m % D, 0
-    elif spec.init == "zero":
-        k, n_mean, n_fresh = 1, m - D, 0
+    return D, n, n2, m
+
+
+def _plans(model, spec: Widen, generator, heads: bool) -> Tuple[ResidualPlan, _Heads]:
+    """The residual plan and the attention plan for growing n_embd (or, with ``heads``, n_head)."""
+    D, n, n2, m = _residual_sizes(model, spec, heads)
+    std = float(getattr(model.config, "initializer_range", 0.02))
+    if heads:
+        # No residual unit is copied (k = 1): the new ones are mean units (fresh for random), as
+        # "zero" makes them; the new heads, not the new units, carry the copied signal.
+        copies = head_copies(n, n2, spec.init, generator)
+        plan = residual_plan(D, m, "random" if spec.init == "random" else "zero", "mean", spec.noise, generator)
     else:
-        k, n_mean, n_fresh = 1, 0, m - D
-    g = torch.arange(k * D) % D
-    shrink = (k * D) / (k * D + n_mean)
-    std = float(getattr(cfg, "initializer_range", 0.02))
-    noise = spec.noise
-    head = model.lm_head
-    tied = head.weight is base.wte.weight
+        copies = torch.zeros(0, dtype=torch.long)
+        plan = residual_plan(D, m, spec.init, "mean", spec.noise, generator)
+    counts = copy_sources(n, copies)[1]
+    attn = _Heads(n, n2, D // n, m // n2, spec.init, copies, counts, std, spec.noise, generator)
+    return plan, attn
 
-    def grow(t, dim, fresh_std=std):
-        t = t.detach()
-        parts = [t.index_select(dim, g.to(t.device))]
-        shape = list(t.shape)
-        if n_mean:
-            shape[dim] = n_mean
-            parts.append(t.mean(dim, keepdim=True).expand(shape))
-        if n_fresh:
-            shape[dim] = n_fresh
-            parts.append(L.gaussian(tuple(shape), fresh_std, t, generator))
-        out = torch.cat(parts, dim).clone()
-        if noise and m > D:
-            sl = [slice(None)] * out.dim()
-            sl[dim] = slice(D, None)
-            out[tuple(sl)] += L.gaussian(out[tuple(sl)].shape, noise, out, generator)
-        return out
 
-    def read(w, dim):
-        """A reader's weight along the residual dim: copies divided by k, zero for mean units."""
-        w = w.detach()
-        parts = [w.index_select(dim, g.to(w.device)) / k]
-        shape = list(w.shape)
-        shape[dim] = m - k * D
-        parts.append(L.gaussian(tuple(shape), std, w, generator) if n_fresh else w.new_zeros(shape))
-        out = torch.cat(parts, dim)
-        if noise and m > D:
-            sl = [slice(None)] * out.dim()
-            sl[dim] = slice(D, None)
-            out[tuple(sl)] += L.gaussian(out[tuple(sl)].shape, noise, out, generator)
-        return out
-
-    def pad_heads(t, dim, parts_n, q_scale, fill_std):
-        """Along ``dim`` (``parts_n`` blocks of n heads of hd): every head gets hd2 - hd new dims
-        (zero, or N(0, fill_std) for random), the q block (block 0) scaled by ``q_scale``."""
-        t = t.detach()
-        shape = list(t.shape)
-        shape[dim:dim + 1] = [parts_n, n, hd]
-        v = t.reshape(shape)
-        if q_scale != 1.0:
-            v = v.clone()
-            v.select(dim, 0).mul_(q_scale)
-        pad = list(shape)
-        pad[dim + 2] = hd2 - hd
-        extra = L.gaussian(tuple(pad), fill_std, t, generator) if fill_std else t.new_zeros(pad)
-        out = torch.cat([v, extra], dim + 2)
-        new_shape = list(t.shape)
-        new_shape[dim] = parts_n * n * hd2
-        return out.reshape(new_shape)
-
-    def add_heads(t, dim, parts_n, rows):
-        """Along ``dim`` (``parts_n`` blocks of n heads of hd): n2 - n new heads. q/k/v columns
-        (``rows`` False): copies of their source heads (net2net) or fresh N(0, std); c_proj rows
-        (``rows`` True): each source head's rows and its copies' divided by its copy count
-        (net2net), zero (zero) or fresh (random)."""
-        t = t.detach()
-        shape = list(t.shape)
-        shape[dim:dim + 1] = [parts_n, n, hd]
-        v = t.reshape(shape)
-        pad = list(shape)
-        pad[dim + 1] = n2 - n
-        if spec.init == "net2net":
-            c = counts.to(t.device, t.dtype)
-            src = torch.cat([torch.arange(n), copies]).to(t.device)
-            view = [1] * len(shape)
-            view[dim + 1] = n2
-            out = v.index_select(dim + 1, src)
-            if rows:
-                out = out / c[src].view(view)
-        else:
-            fill = (t.new_zeros(pad) if rows and spec.init == "zero" else L.gaussian(tuple(pad), std, t, generator))
-            out = torch.cat([v, fill], dim + 1)
-        if noise and not rows:
-            sl = [slice(None)] * out.dim()
-            sl[dim + 1] = slice(n, None)
-            out[tuple(sl)] += L.gaussian(out[tuple(sl)].shape, noise, out, generator)
-        new_shape = list(t.shape)
-        new_shape[dim] = parts_n * n2 * hd
-        return out.reshape(new_shape)
-
-    fresh_heads = std if spec.init == "random" else 0.0
+def _widen_residual(model, spec: Widen, generator, heads: bool = False) -> LayerChange:
+    """Grow ``n_embd`` D -> m (and with it the attention width and ``head_dim``); with ``heads``,
+    grow ``n_head`` instead, ``n_embd`` with it by the new heads' dimensions (``head_dim`` kept).
+    See the module docstring."""
+    base, cfg = _base(model), model.config
+    plan, attn = _plans(model, spec, generator, heads)
+    tied = model.lm_head.weight is base.wte.weight
     lns = [base.ln_f] + [ln for b in base.h for ln in (b.ln_1, b.ln_2)]
-    gain_ok = True
     with torch.no_grad():
         for emb in (base.wte, base.wpe):
-            L.replace_param(emb, "weight", grow(emb.weight, 1))
-            emb.embedding_dim = m
-        for ln in lns:
-            extra = m - k * D
-            scale = 1.0 / k if (ln is base.ln_f and tied) else 1.0
-            if ln.weight is not None:
-                w = ln.weight.detach()
-                L.replace_param(ln, "weight", torch.cat([w[g.to(w.device)] * (math.sqrt(shrink) * scale),
-                                                         w.new_ones(extra)]))
-            elif shrink != 1.0 or scale != 1.0:
-                gain_ok = False
-            if ln.bias is not None:
-                b = ln.bias.detach()
-                L.replace_param(ln, "bias", torch.cat([b[g.to(b.device)] * scale, b.new_zeros(extra)]))
-            ln.eps = ln.eps * shrink
-            ln.normalized_shape = (m,)
-        qs = math.sqrt(hd2 / hd) if hd2 != hd and getattr(cfg, "scale_attn_weights", True) else 1.0
+            w = emb.weight
+            L.replace_param(emb, "weight", plan.write(w, 1, lambda s: L.gaussian(s, attn.std, w, generator)))
+            emb.embedding_dim = plan.m
+        # ln_f feeds only the tied lm_head, whose copied columns are not divided: ln_f divides instead.
+        gain_ok = all([grow_layernorm(ln, plan.src, plan.m, plan.shrink,
+                                      1.0 / plan.k if (ln is base.ln_f and tied) else 1.0) for ln in lns])
         for blk in base.h:
-            att, mlp = blk.attn, blk.mlp
-            # c_attn (D, 3D): residual rows read, then every head padded to hd2 (q scaled for the new 1/sqrt(hd2))
-            if heads:
-                w = add_heads(read(att.c_attn.weight, 0), 1, 3, False)
-                L.replace_param(att.c_attn, "bias", add_heads(att.c_attn.bias, 0, 3, False))
-            else:
-                w = pad_heads(read(att.c_attn.weight, 0), 1, 3, qs, fresh_heads)
-                L.replace_param(att.c_attn, "bias", pad_heads(att.c_attn.bias, 0, 3, qs, fresh_heads))
-            L.replace_param(att.c_attn, "weight", w)
-            att.c_attn.nx, att.c_attn.nf = w.shape
-            # attn c_proj (D, D): new head dims' rows zero (fresh for random), residual columns written
-            w = add_heads(att.c_proj.weight, 0, 1, True) if heads else pad_heads(att.c_proj.weight, 0, 1, 1.0,
-                                                                                        fresh_heads)
-            L.replace_param(att.c_proj, "weight", grow(w, 1))
-            L.replace_param(att.c_proj, "bias", grow(att.c_proj.bias, 0, 0.0))
-            att.c_proj.nx, att.c_proj.nf = att.c_proj.weight.shape
-            att.embed_dim = att.split_size = m
-            att.head_dim = hd2
-            att.num_heads = n2
-            if getattr(cfg, "scale_attn_weights", True):
-                att.scaling = att.scaling * math.sqrt(hd / hd2)
-            L.replace_param(mlp.c_fc, "weight", read(mlp.c_fc.weight, 0))
-            mlp.c_fc.nx = m
-            L.replace_param(mlp.c_proj, "weight", grow(mlp.c_proj.weight, 1))
-            L.replace_param(mlp.c_proj, "bias", grow(mlp.c_proj.bias, 0, 0.0))
-            mlp.c_proj.nf = m
-        if tied:
-            head.weight = base.wte.weight
-        else:
-            L.replace_param(head, "weight", read(head.weight, 1))
-        head.in_features = m
-        base.embed_dim = m
+            _grow_block_attention(blk.attn, plan, attn, heads, cfg)
+            _grow_block_mlp(blk.mlp, plan, attn.std)
+        _grow_lm_head(model.lm_head, base, plan, attn.std, tied)
+        base.embed_dim = plan.m
     for c in {id(model.config): model.config, id(base.config): base.config}.values():
-        c.n_embd = m
-        c.n_head = n2
-        c.layer_norm_epsilon = c.layer_norm_epsilon * shrink
+        c.n_embd = plan.m
+        c.n_head = attn.n2
+        c.layer_norm_epsilon = c.layer_norm_epsilon * plan.shrink
     if heads:
-        return _heads_change(spec, n, n2, D, m, hd, n_mean, copies, shrink, gain_ok, noise)
-    if spec.init == "random" and m > D:
-        exact, note = False, ("random: fresh residual units (wte/wpe columns, c_proj columns, c_attn/c_fc rows) and "
-                              "head dims: not preserving")
+        return _heads_change(spec, plan, attn, gain_ok)
+    return _residual_change(spec, base, plan, attn, gain_ok, tied, len(lns))
+
+
+def _read(plan: ResidualPlan, w: Tensor, dim: int, std: float) -> Tensor:
+    """A reader's weight along the residual dim: copies divided by k, then zero (mean units) or
+    N(0, std) (fresh units)."""
+    return plan.read(w, dim, lambda s: L.gaussian(s, std, w, plan.generator) if plan.n_fresh else w.new_zeros(s))
+
+
+def _write(plan: ResidualPlan, t: Tensor, dim: int, std: float) -> Tensor:
+    """A writer's weight or bias along the residual dim: copies, mean units, N(0, std) fresh units."""
+    return plan.write(t, dim, lambda s: L.gaussian(s, std, t, plan.generator))
+
+
+def _grow_block_attention(att, plan: ResidualPlan, attn: _Heads, heads: bool, cfg) -> None:
+    """Grow one block's attention: ``c_attn`` reads the wider stream and gets the new heads (or
+    head dims), ``c_proj`` reads them and writes the wider stream."""
+    scaled = getattr(cfg, "scale_attn_weights", True)
+    fresh_dims = attn.std if attn.init == "random" else 0.0
+    # c_attn (D, 3D): residual rows read, then every head padded to hd2 (q scaled for the new 1/sqrt(hd2))
+    if heads:
+        w = attn.add(_read(plan, att.c_attn.weight, 0, attn.std), 1, 3, False)
+        L.replace_param(att.c_attn, "bias", attn.add(att.c_attn.bias, 0, 3, False))
     else:
-        parts = [f"head_dim {hd} -> {hd2} (new q/k/v dims and their c_proj rows zero, q scaled by "
-                 f"sqrt({hd2}/{hd}))"]
-        if k > 1:
-            parts.append(f"every residual unit duplicated {k} times (reader rows divided by {k}"
-                         + (", ln_f scaled by 1/k for the tied lm_head" if tied else "") + ")")
-        if n_mean:
-            parts.append(f"{n_mean} mean units (LayerNorm eps x{shrink:.6g}, gains x its sqrt)")
-        exact = gain_ok
-        note = f"{spec.init}: " + "; ".join(parts) + (": exact" if exact else ": a LayerNorm without gain: not preserving")
-    if noise and m > D:
-        exact, note = False, note + f"; noise std {noise}: not preserving"
+        qs = math.sqrt(attn.hd2 / attn.hd) if attn.hd2 != attn.hd and scaled else 1.0
+        w = attn.pad(_read(plan, att.c_attn.weight, 0, attn.std), 1, 3, qs, fresh_dims)
+        L.replace_param(att.c_attn, "bias", attn.pad(att.c_attn.bias, 0, 3, qs, fresh_dims))
+    L.replace_param(att.c_attn, "weight", w)
+    att.c_attn.nx, att.c_attn.nf = w.shape
+    # attn c_proj (D, D): new head dims' rows zero (fresh for random), residual columns written
+    if heads:
+        w = attn.add(att.c_proj.weight, 0, 1, True)
+    else:
+        w = attn.pad(att.c_proj.weight, 0, 1, 1.0, fresh_dims)
+    L.replace_param(att.c_proj, "weight", _write(plan, w, 1, attn.std))
+    L.replace_param(att.c_proj, "bias", _write(plan, att.c_proj.bias, 0, 0.0))
+    att.c_proj.nx, att.c_proj.nf = att.c_proj.weight.shape
+    att.embed_dim = att.split_size = plan.m
+    att.head_dim = attn.hd2
+    att.num_heads = attn.n2
+    if scaled:
+        att.scaling = att.scaling * math.sqrt(attn.hd / attn.hd2)
+
+
+def _grow_block_mlp(mlp, plan: ResidualPlan, std: float) -> None:
+    """Grow one block's mlp along the residual stream: ``c_fc`` reads it, ``c_proj`` writes it."""
+    L.replace_param(mlp.c_fc, "weight", _read(plan, mlp.c_fc.weight, 0, std))
+    mlp.c_fc.nx = plan.m
+    L.replace_param(mlp.c_proj, "weight", _write(plan, mlp.c_proj.weight, 1, std))
+    L.replace_param(mlp.c_proj, "bias", _write(plan, mlp.c_proj.bias, 0, 0.0))
+    mlp.c_proj.nf = plan.m
+
+
+def _grow_lm_head(head, base, plan: ResidualPlan, std: float, tied: bool) -> None:
+    """Re-tie ``lm_head`` to the grown ``wte``, or grow an untied one as a reader."""
+    if tied:
+        head.weight = base.wte.weight
+    else:
+        L.replace_param(head, "weight", _read(plan, head.weight, 1, std))
+    head.in_features = plan.m
+
+
+def _residual_change(spec: Widen, base, plan: ResidualPlan, attn: _Heads, gain_ok: bool, tied: bool,
+                     n_lns: int) -> LayerChange:
+    """The LayerChange for growing ``n_embd`` (and ``head_dim``)."""
+    hd, hd2, k = attn.hd, attn.hd2, plan.k
+    parts = [f"head_dim {hd} -> {hd2} (new q/k/v dims and their c_proj rows zero, q scaled by sqrt({hd2}/{hd}))"]
+    if k > 1:
+        parts.append(f"every residual unit duplicated {k} times (reader rows divided by {k}"
+                     + (", ln_f scaled by 1/k for the tied lm_head" if tied else "") + ")")
+    if plan.n_mean:
+        parts.append(f"{plan.n_mean} mean units (LayerNorm eps x{plan.shrink:.6g}, gains x its sqrt)")
+    exact, note = residual_claim(plan, spec.init, "random: fresh residual units (wte/wpe columns, c_proj columns, "
+                                 "c_attn/c_fc rows) and head dims: not preserving", parts, gain_ok)
+    blk = base.h[0]
     return LayerChange(
-        op="widen", path=path, kind="Embedding", init=spec.init, before=[D], after=[m], exact=exact, note=note,
-        detail={"n_embd": [D, m], "head_dim": [hd, hd2], "copies": k, "mean_units": n_mean, "fresh": n_fresh,
-                "eps_scale": shrink, "tied": tied, "layernorms": len(lns),
+        op="widen", path=spec.target, kind="Embedding", init=spec.init, before=[plan.D], after=[plan.m],
+        exact=exact, note=note,
+        detail={"n_embd": [plan.D, plan.m], "head_dim": [hd, hd2], "copies": k, "mean_units": plan.n_mean,
+                "fresh": plan.n_fresh, "eps_scale": plan.shrink, "tied": tied, "layernorms": n_lns,
                 "weights_after": {"wte": _shape(base.wte.weight), "wpe": _shape(base.wpe.weight),
-                                  "c_attn": _shape(base.h[0].attn.c_attn.weight),
-                                  "attn.c_proj": _shape(base.h[0].attn.c_proj.weight),
-                                  "c_fc": _shape(base.h[0].mlp.c_fc.weight),
-                                  "mlp.c_proj": _shape(base.h[0].mlp.c_proj.weight)}},
+                                  "c_attn": _shape(blk.attn.c_attn.weight),
+                                  "attn.c_proj": _shape(blk.attn.c_proj.weight),
+                                  "c_fc": _shape(blk.mlp.c_fc.weight),
+                                  "mlp.c_proj": _shape(blk.mlp.c_proj.weight)}},
     )
 
 
-def _heads_change(spec, n, n2, D, m, hd, n_mean, copies, shrink, gain_ok, noise) -> LayerChange:
+def _heads_change(spec: Widen, plan: ResidualPlan, attn: _Heads, gain_ok: bool) -> LayerChange:
+    """The LayerChange for adding heads (``n_embd`` grown by their dimensions)."""
+    n, n2, D, m, noise = attn.n, attn.n2, plan.D, plan.m, spec.noise
     if spec.init == "random" and n2 > n:
         exact, note = False, "random: fresh heads (q/k/v columns and c_proj rows) and residual units: not preserving"
     else:
         how = ("copy existing heads (q/k/v columns; each source's c_proj rows divided among its copies)"
                if spec.init == "net2net" else "are fresh (q/k/v columns) with zero c_proj rows")
         exact = gain_ok and not (noise and n2 > n)
-        note = (f"{spec.init}: {n2 - n} new heads of head_dim {hd} {how}; n_embd {D} -> {m} by {n_mean} mean units "
-                f"(LayerNorm eps x{shrink:.6g}, gains x its sqrt)"
+        note = (f"{spec.init}: {n2 - n} new heads of head_dim {attn.hd} {how}; n_embd {D} -> {m} by "
+                f"{plan.n_mean} mean units (LayerNorm eps x{plan.shrink:.6g}, gains x its sqrt)"
                 + ("" if gain_ok else "; a LayerNorm without gain: not preserving")
                 + (f"; noise std {noise}: not preserving" if noise and n2 > n else "")
                 + (": exact" if exact else ""))
     return LayerChange(
         op="widen", path=spec.target, kind="GPT2Attention", init=spec.init, before=[D, n], after=[m, n2],
         exact=exact, note=note,
-        detail={"n_head": [n, n2], "n_embd": [D, m], "head_dim": hd, "sources": [int(i) for i in copies],
-                "mean_units": n_mean, "eps_scale": shrink})
+        detail={"n_head": [n, n2], "n_embd": [D, m], "head_dim": attn.hd, "sources": [int(i) for i in attn.copies],
+                "mean_units": plan.n_mean, "eps_scale": plan.shrink})
 
 
 # --- depth ----------------------------------------------------------------------------------------
 
 def _conv1ds(block) -> list:
+    """Every Conv1D layer of the block."""
     return [m for m in block.modules() if type(m).__name__ == "Conv1D"]
 
 
@@ -462,26 +493,12 @@ def _projections(block) -> list:
 
 
 def _fresh_block(prev, spec: Deepen, config, n_layer: int, generator):
+    """A block shaped like ``prev``: a copy, or fresh as Hugging Face initialises one (the
+    residual projections zero for ``zero``, GPT-2's scaled init for ``random``)."""
     block = copy.deepcopy(prev)
     if spec.init != "copy":
-        std = float(getattr(config, "initializer_range", 0.02))
         with torch.no_grad():
-            for conv in _conv1ds(block):
-                L.replace_param(conv, "weight", L.gaussian(conv.weight.shape, std, conv.weight, generator))
-                if conv.bias is not None:
-                    conv.bias.zero_()
-            for conv in _projections(block):
-                if spec.init == "zero":
-                    conv.weight.zero_()
-                else:  # GPT-2's scaled init of the residual projections
-                    conv.weight.copy_(L.gaussian(conv.weight.shape, std / math.sqrt(2 * n_layer), conv.weight,
-                                                 generator))
-            for ln in block.modules():
-                if isinstance(ln, nn.LayerNorm):
-                    if ln.weight is not None:
-                        ln.weight.fill_(1.0)
-                    if ln.bias is not None:
-                        ln.bias.zero_()
+            _reset_block(block, spec.init, float(getattr(config, "initializer_range", 0.02)), n_layer, generator)
     if spec.noise:
         with torch.no_grad():
             for conv in _conv1ds(block):
@@ -490,7 +507,29 @@ def _fresh_block(prev, spec: Deepen, config, n_layer: int, generator):
     return block
 
 
+def _reset_block(block, init: str, std: float, n_layer: int, generator) -> None:
+    """Give ``block`` fresh Conv1D weights N(0, std) and zero biases, LayerNorms at gain 1 / bias 0,
+    and its residual projections zero (``zero``) or N(0, std / sqrt(2 * n_layer))."""
+    for conv in _conv1ds(block):
+        L.replace_param(conv, "weight", L.gaussian(conv.weight.shape, std, conv.weight, generator))
+        if conv.bias is not None:
+            conv.bias.zero_()
+    for conv in _projections(block):
+        if init == "zero":
+            conv.weight.zero_()
+        else:  # GPT-2's scaled init of the residual projections
+            conv.weight.copy_(L.gaussian(conv.weight.shape, std / math.sqrt(2 * n_layer), conv.weight, generator))
+    for ln in block.modules():
+        if isinstance(ln, nn.LayerNorm):
+            if ln.weight is not None:
+                ln.weight.fill_(1.0)
+            if ln.bias is not None:
+                ln.bias.zero_()
+
+
 def _set_layer_idx(blocks, config) -> None:
+    """Number every attention by its block's index (the KV cache's ``layer_idx``), rescaling it
+    where ``scale_attn_by_inverse_layer_idx`` ties its scale to that index."""
     for i, blk in enumerate(blocks):
         for att in (getattr(blk, "attn", None), getattr(blk, "crossattention", None)):
             if att is None:
@@ -501,61 +540,49 @@ def _set_layer_idx(blocks, config) -> None:
                 att.scaling = scaling / float(i + 1)
 
 
-def deepen_gpt2(model, spec: Deepen, generator: Optional[torch.Generator]) -> list:
-    """Apply one Deepen spec to a GPT-2 in place (it is already a copy): insert ``spec.count``
-    blocks after each selected block; see the module docstring. Returns ``(block, LayerChange)``
-    pairs; the change's ``after`` is ``[n_embd, n_head]`` and ``detail`` holds the weight shapes."""
-    p = _prefix(model)
-    if spec.init == "identity":
-        raise ValueError(
-            f"Deepen.after={spec.after!r}: init='identity' inserts a plain layer, which GPT-2 does not take; use "
-            "init='zero' (a block with zero attn.c_proj and mlp.c_proj: function-preserving), 'random' or 'copy'"
-        )
-    blocks = _blocks(model)
-    paths = [f"{p}.{name}" for name in blocks._modules]
+def _insertion_points(model, spec: Deepen, paths: list) -> list:
+    """The block paths ``spec.after`` names; ValueError where inserting there would rescale an
+    existing block's attention."""
     hits = L.match_insertion_points(
         model, spec.after, paths,
         not_one=f"a GPT2Block of {type(model).__name__}; blocks can only be inserted after a block",
         listing=f"block of {type(model).__name__}; its blocks are")
-    config = model.config
-    if getattr(config, "scale_attn_by_inverse_layer_idx", False) and any(h != paths[-1] for h in hits):
+    if getattr(model.config, "scale_attn_by_inverse_layer_idx", False) and any(h != paths[-1] for h in hits):
         raise ValueError(
             f"Deepen.after={spec.after!r}: config.scale_attn_by_inverse_layer_idx is set, so every block's "
             "attention is scaled by 1 / (layer_idx + 1): inserting blocks before an existing block would renumber "
             f"and rescale it (not preserving, and from_pretrained would do the same); insert after the last "
             f"block ({paths[-1]!r}) only"
         )
-    old = list(blocks)
+    return hits
+
+
+def deepen_gpt2(model, spec: Deepen, generator: Optional[torch.Generator]) -> list:
+    """Apply one Deepen spec to a GPT-2 in place (it is already a copy): insert ``spec.count``
+    blocks after each selected block; see the module docstring. Returns ``(block, LayerChange)``
+    pairs; the change's ``after`` is ``[n_embd, n_head]`` and ``detail`` holds the weight shapes."""
+    p = _prefix(model)
+    refuse_identity(spec, "GPT-2", "a block with zero attn.c_proj and mlp.c_proj")
+    old = list(_blocks(model))
+    paths = [f"{p}.{name}" for name in _blocks(model)._modules]
+    hits = _insertion_points(model, spec, paths)
+    config = model.config
     n_layer = len(old) + spec.count * len(hits)
-    new_list, out = [], []
-    for i, prev in enumerate(old):
-        new_list.append(prev)
-        if paths[i] not in hits:
-            continue
-        for t in range(spec.count):
-            block = _fresh_block(prev, spec, config, n_layer, generator)
-            new_list.append(block)
-            if spec.init == "zero":
-                exact, note = True, "zero: attn.c_proj and mlp.c_proj (weights and biases) are zero, both residual " \
-                                    "branches add 0: exact"
-            else:
-                exact, note = False, f"{spec.init} block: not preserving"
-            if spec.noise:
-                exact, note = False, note.replace(": exact", "") + f"; noise std {spec.noise}: not preserving"
-            out.append((block, LayerChange(
-                op="deepen", path="", kind="GPT2Block", init=spec.init, before=[],
-                after=[int(block.ln_1.normalized_shape[0]), int(block.attn.num_heads)], exact=exact, note=note,
-                detail={"after": paths[i], "block": t, "params": L.n_params(block),
-                        "n_inner": int(block.mlp.c_fc.weight.shape[1]), "head_dim": int(block.attn.head_dim),
-                        "weights": {name: _shape(mod.weight) for name, mod in block.named_modules()
-                                    if type(mod).__name__ == "Conv1D"}},
-            )))
+    new_list, added = insert_after(old, paths, hits, spec.count,
+                                   lambda prev: _fresh_block(prev, spec, config, n_layer, generator))
     _base(model).h = nn.ModuleList(new_list)
     _set_layer_idx(new_list, config)
-    where = {id(m): k for k, m in enumerate(new_list)}
-    for block, c in out:
-        c.detail["index"] = where[id(block)]
-    return out
+    exact, note = deepen_claim(spec.init, spec.noise, "zero: attn.c_proj and mlp.c_proj (weights and biases) are "
+                                                      "zero, both residual branches add 0: exact")
+    return [(block, LayerChange(
+        op="deepen", path="", kind="GPT2Block", init=spec.init, before=[],
+        after=[int(block.ln_1.normalized_shape[0]), int(block.attn.num_heads)], exact=exact, note=note,
+        detail={"after": after, "block": t, "params": L.n_params(block),
+                "n_inner": int(block.mlp.c_fc.weight.shape[1]), "head_dim": int(block.attn.head_dim),
+                "weights": {name: _shape(mod.weight) for name, mod in block.named_modules()
+                            if type(mod).__name__ == "Conv1D"},
+                "index": index},
+    )) for block, after, t, index in added]
 
 
 # --- config, inputs -------------------------------------------------------------------------------
@@ -583,9 +610,7 @@ def _default_inputs(model) -> Optional[torch.Tensor]:
     """64 random token sequences of length ``min(n_positions, 16)``, from a fixed seed (a headless
     ``GPT2Model`` is compared on its ``last_hidden_state``)."""
     cfg = model.config
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, cfg.vocab_size, (64, min(int(cfg.n_positions), 16)), generator=g)
-    return x.to(_base(model).wte.weight.device)
+    return L.fixed_seed_tokens(cfg.vocab_size, min(int(cfg.n_positions), 16), _base(model).wte.weight.device)
 
 
 FAMILY = Family(name="Hugging Face GPT-2", matches=_matches, widen=widen_gpt2, deepen=deepen_gpt2,

@@ -12,9 +12,9 @@ act within a head, on ``head_dim``, which never changes here).
 * ``Widen("model.layers.<i>.mlp", factor|size)``: the feed-forward width (``intermediate_size``,
   counted in units). Hidden unit ``j`` contributes ``down[:, j] * silu(gate_j(x)) * up_j(x)``, so:
   ``net2net``: new units copy existing ones (their ``gate_proj`` and ``up_proj`` rows, and biases),
-  drawn at random without replacement in rounds (``width._plan``, copy counts differ by at most
-  one); each source's ``down_proj`` column is divided by its number of copies (itself
-  included): every copy computes the same product, so the sum is unchanged: exact.
+  drawn at random without replacement in rounds (``_units.plan_new_units``, copy counts differ
+  by at most one); each source's ``down_proj`` column is divided by its number of copies
+  (itself included): every copy computes the same product, so the sum is unchanged: exact.
   ``zero``: fresh ``gate``/``up`` rows (``nn.Linear``'s default init, fan-in = hidden size), zero
   ``down_proj`` columns: exact. ``random``: fresh ``down_proj`` columns too: not preserving.
 * ``Widen("model.layers.<i>.self_attn", size|factor)``: the number of *query* heads, with
@@ -54,9 +54,8 @@ in width cannot be described by its config (it would not reload).
   columns) grow together; ``config.hidden_size`` and ``config.rms_norm_eps`` follow.
   RMSNorm divides by ``sqrt(mean(x^2) + eps)`` over the hidden units, so plain zero padding is
   *not* exact: the mean of squares shrinks by ``D/m`` and every norm's output grows by about
-  ``sqrt(m/D)`` (measured max logit error 0.27 to 0.33 at factor 2 on the test configs). Since
-  the shrink is a constant (RMSNorm subtracts no mean, unlike LayerNorm), multiplying every
-  ``eps`` by ``s = k*D/m`` and every gain by ``sqrt(s)`` undoes it exactly:
+  ``sqrt(m/D)``. Since the shrink is a constant (RMSNorm subtracts no mean, unlike LayerNorm),
+  multiplying every ``eps`` by ``s = k*D/m`` and every gain by ``sqrt(s)`` undoes it exactly:
   ``zero``: ``m - D`` zero units (zero embedding columns and writer rows, so they stay 0 in the
   stream; RMSNorm gain 1; reader columns fresh N(0, initializer_range): they read 0, so exact, and
   give the writers a gradient): exact, tied embeddings included. ``net2net``: ``m = k*D + r``:
@@ -68,33 +67,34 @@ in width cannot be described by its config (it would not reload).
 
 For a ``LlamaModel`` (no LM head) ``report.preservation_error`` compares ``last_hidden_state``.
 
-Measured max errors (float32, eval, 30 random models: 3 configs (width/heads/kv 32/4/2 untied,
-24/6/2 tied, 32/4/1 tied, 2-3 layers) x 10 seeds, random RMSNorm weights, 64 x 16 token ids),
-logits / LM loss: ff net2net (x1.5, x2) 2.4e-7 / 4.8e-7; ff zero 0 / 0; heads net2net 3.0e-7 /
-4.8e-7; heads zero 0 / 0; deepen zero 0 / 0; residual (5 seeds) zero 3.0e-7 / 4.8e-7, net2net
-(x2, x3, 2D + heads) 2.4e-7 / 0. Not preserving: ff random 1.1 / 0.014, heads random 1.4 / 0.012,
-deepen copy 0.36 / 0.0024, residual random 0.91 / 0.021. tests/test_expand_llama.py checks 1e-5.
+"Exact" means equal up to float rounding (the grown model sums in another order):
+tests/test_expand_llama.py checks 1e-5 on the logits and the LM loss in float32, with tied and
+untied embeddings and random RMSNorm weights.
 """
 
 from __future__ import annotations
 
 import copy
-import fnmatch
 from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from . import _layers as L
+from ._claims import deepen_claim, width_claim
+from ._insert import insert_after, refuse_identity
+from ._residual import ResidualPlan, residual_claim, residual_plan
+from ._units import (append_head_rows, copy_sources, grow_head_columns, grow_inputs, grow_outputs, head_copies,
+                     plan_new_units)
 from .registry import Family
 from .report import LayerChange
 from .specs import Deepen, Widen
-from .width import _plan
 
 _CLASSES = ("LlamaForCausalLM", "LlamaModel")
 
 
 def _matches(model: nn.Module) -> bool:
+    """Whether ``model`` is a Hugging Face LLaMA (by class name and module, without importing transformers)."""
     t = type(model)
     return t.__name__ in _CLASSES and t.__module__.startswith("transformers.")
 
@@ -118,6 +118,7 @@ def _configs(model: nn.Module) -> list:
 
 
 def _widenable(prefix: str, n: int) -> List[Tuple[str, str]]:
+    """The widenable ``(path, kind)`` pairs: every layer's ``mlp`` ("mlp") and ``self_attn`` ("heads")."""
     out = []
     for i in range(n):
         out += [(f"{prefix}.{i}.mlp", "mlp"), (f"{prefix}.{i}.self_attn", "heads")]
@@ -128,22 +129,8 @@ WHAT = ("<layers>.<i>.mlp (feed-forward units: intermediate_size), <layers>.<i>.
         "grown by whole key-value groups), and by exact path only: embed_tokens (the residual width, hidden_size)")
 
 
-def _select(model, spec: Widen, cands) -> List[Tuple[str, str]]:
-    paths = [p for p, _ in cands]
-    hits = [c for c in cands if c[0] == spec.target] or [c for c in cands if fnmatch.fnmatchcase(c[0], spec.target)]
-    if hits:
-        return hits
-    mods = dict(model.named_modules())
-    if spec.target in mods:
-        raise TypeError(
-            f"Widen.target={spec.target!r}: module {spec.target!r} ({L.kind(mods[spec.target])}) cannot be widened on "
-            f"{type(model).__name__}; widenable: {WHAT}: {paths}"
-        )
-    raise ValueError(f"Widen.target={spec.target!r} matches no widenable module of {type(model).__name__}; "
-                     f"widenable: {WHAT}: {paths}")
-
-
 def _shapes(**mods) -> dict:
+    """``{name: weight shape}`` of the named modules."""
     return {k: list(m.weight.shape) for k, m in mods.items()}
 
 
@@ -155,19 +142,8 @@ def widen_llama(model: nn.Module, spec: Widen, generator: Optional[torch.Generat
     if spec.target == emb_path:
         return [(base.embed_tokens, _widen_residual(model, emb_path, spec, generator))]
     layers = list(base.layers)
-    hits = _select(model, spec, _widenable(prefix, len(layers)))
-    kinds = {w for _, w in hits}
-    if len(kinds) > 1:
-        raise ValueError(f"Widen.target={spec.target!r} selects both feed-forward and attention modules; "
-                         f"widen '{prefix}.*.mlp' and '{prefix}.*.self_attn' in separate specs")
-    what = kinds.pop()
-    if len(hits) != len(layers):
-        field = "intermediate_size" if what == "mlp" else "num_attention_heads"
-        raise ValueError(
-            f"Widen.target={spec.target!r} selects {len(hits)} of the {len(layers)} decoder layers; LlamaConfig.{field} "
-            f"is one number for all layers, so a model whose layers differ in width could not be saved and reloaded: "
-            f"widen every layer at once ('{prefix}.*.{'mlp' if what == 'mlp' else 'self_attn'}')"
-        )
+    hits = L.select_widen_targets(model, spec, _widenable(prefix, len(layers)), WHAT)
+    what = _selected_kind(spec, hits, len(layers), prefix)
     out = []
     for path, _ in hits:
         layer = layers[int(path.split(".")[-2])]
@@ -178,49 +154,49 @@ def widen_llama(model: nn.Module, spec: Widen, generator: Optional[torch.Generat
     return out
 
 
+def _selected_kind(spec: Widen, hits, n_layers: int, prefix: str) -> str:
+    """What the hits widen ("mlp" or "heads"); ValueError unless they are one kind in every layer
+    (the config holds one width for all layers, else the model would not reload)."""
+    kinds = {w for _, w in hits}
+    if len(kinds) > 1:
+        raise ValueError(f"Widen.target={spec.target!r} selects both feed-forward and attention modules; "
+                         f"widen '{prefix}.*.mlp' and '{prefix}.*.self_attn' in separate specs")
+    what = kinds.pop()
+    if len(hits) != n_layers:
+        field = "intermediate_size" if what == "mlp" else "num_attention_heads"
+        raise ValueError(
+            f"Widen.target={spec.target!r} selects {len(hits)} of the {n_layers} decoder layers; LlamaConfig.{field} "
+            f"is one number for all layers, so a model whose layers differ in width could not be saved and reloaded: "
+            f"widen every layer at once ('{prefix}.*.{'mlp' if what == 'mlp' else 'self_attn'}')"
+        )
+    return what
+
+
+# --- feed-forward width ---------------------------------------------------------------------------
+
 def _widen_mlp(path: str, mlp: nn.Module, spec: Widen, generator) -> LayerChange:
+    """Grow a SwiGLU feed-forward width (``gate_proj``/``up_proj`` rows, ``down_proj`` columns)."""
     gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
     n, D = gate.out_features, gate.in_features
     m = spec.new_width(path, "LlamaMLP", n)
     before = _shapes(gate_proj=gate, up_proj=up, down_proj=down)
-    copies, _, n_fresh = _plan(n, m, spec.init, False, generator)
-    src = torch.cat([torch.arange(n), copies])
-    counts = torch.bincount(src, minlength=n)
-    dev = gate.weight.device
-    sidx = src.to(dev)
-    bound = L.fresh_bound(D)
+    copies, _, n_fresh = plan_new_units(n, m, spec.init, False, generator)
+    src, counts = copy_sources(n, copies)
+    sidx = src.to(gate.weight.device)
     with torch.no_grad():
         for lin in (gate, up):
-            w = lin.weight.detach()
-            new_w = torch.cat([w[sidx], L.uniform((n_fresh, D), bound, w, generator)])
-            if spec.noise:
-                new_w[n:] += L.gaussian((m - n, D), spec.noise, w, generator)
-            new_b = None
-            if lin.bias is not None:
-                b = lin.bias.detach()
-                new_b = torch.cat([b[sidx], L.uniform((n_fresh,), bound, b, generator)])
-            L.resize_linear(lin, new_w, new_b)
-        wd = down.weight.detach()
-        cols = [wd[:, sidx] / counts.to(dev, wd.dtype)[sidx]]
-        if spec.init == "random":
-            cols.append(L.uniform((wd.shape[0], n_fresh), L.fresh_bound(m), wd, generator))
-        else:
-            cols.append(wd.new_zeros(wd.shape[0], n_fresh))
-        new_wd = torch.cat(cols, 1)
-        if spec.noise:
-            new_wd[:, n:] += L.gaussian((wd.shape[0], m - n), spec.noise, wd, generator)
+            bias = None if lin.bias is None else lin.bias.detach()
+            L.resize_linear(lin, *grow_outputs(lin.weight.detach(), bias, sidx, 0, n_fresh, spec.noise, generator))
+        # Each copy computes the same silu(gate) * up product: its down_proj column shares the source's.
+        new_wd = grow_inputs(down.weight.detach(), sidx, counts, n_fresh, spec.init, spec.noise, generator)
         L.resize_linear(down, new_wd, down.bias)
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = m
-    if spec.init == "random" and m > n:
-        exact, note = False, "random: fresh gate/up rows and down_proj columns: not preserving"
-    elif spec.init == "net2net":
-        exact, note = True, ("net2net: new units copy gate_proj and up_proj rows, each source's down_proj column "
-                             "divided among its copies (each copy computes the same silu(gate)*up product): exact")
-    else:
-        exact, note = True, "zero: fresh gate/up rows, zero down_proj columns: exact"
-    if spec.noise and m > n:
-        exact, note = False, note + f"; noise std {spec.noise}: not preserving"
+    exact, note = width_claim(
+        spec.init, spec.noise, "random: fresh gate/up rows and down_proj columns: not preserving",
+        "net2net: new units copy gate_proj and up_proj rows, each source's down_proj column divided among its "
+        "copies (each copy computes the same silu(gate)*up product): exact",
+        "zero: fresh gate/up rows, zero down_proj columns: exact", grew=m > n)
     return LayerChange(
         op="widen", path=path, kind="LlamaMLP", init=spec.init, before=[D, n], after=[D, m], exact=exact, note=note,
         detail={"intermediate_size": [n, m], "copied": int(len(copies)), "fresh": int(n_fresh),
@@ -228,12 +204,14 @@ def _widen_mlp(path: str, mlp: nn.Module, spec: Widen, generator) -> LayerChange
     )
 
 
-def _add_heads(path: str, attn: nn.Module, spec: Widen, generator) -> LayerChange:
-    q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
-    hd = attn.head_dim
-    D = q.in_features
-    n = q.out_features // hd
-    kv = k.out_features // hd
+# --- attention heads ------------------------------------------------------------------------------
+
+def _head_counts(path: str, attn: nn.Module, spec: Widen) -> Tuple[int, int, int, int]:
+    """``(n, kv, g, m)``: query heads, key-value heads, group size and the new number of query
+    heads; ValueError unless m is whole groups and divides the hidden size."""
+    hd, D = attn.head_dim, attn.q_proj.in_features
+    n = attn.q_proj.out_features // hd
+    kv = attn.k_proj.out_features // hd
     g = n // kv
     m = spec.new_width(path, "attention heads", n)
     if m % g:
@@ -247,62 +225,39 @@ def _add_heads(path: str, attn: nn.Module, spec: Widen, generator) -> LayerChang
             f"Widen({path!r}): LlamaConfig requires hidden_size ({D}) to be a multiple of num_attention_heads "
             f"(its validate_architecture; from_pretrained would fail), got {m} heads"
         )
+    return n, kv, g, m
+
+
+def _add_heads(path: str, attn: nn.Module, spec: Widen, generator) -> LayerChange:
+    """Grow the query heads by whole key-value groups (``head_dim`` and the group size kept)."""
+    q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+    hd, D = attn.head_dim, q.in_features
+    n, kv, g, m = _head_counts(path, attn, spec)
     kv_new = m // g
     before = _shapes(q_proj=q, k_proj=k, v_proj=v, o_proj=o)
-    if spec.init == "net2net":
-        copies, _, _ = _plan(kv, kv_new, "net2net", False, generator)
-        gsrc = torch.cat([torch.arange(kv), copies])
-    else:
-        copies, gsrc = torch.zeros(0, dtype=torch.long), torch.arange(kv)
-    counts = torch.bincount(gsrc, minlength=kv)
+    copies = head_copies(kv, kv_new, spec.init, generator)
+    gsrc, counts = copy_sources(kv, copies)  # the source group of every group
     dev = q.weight.device
     gidx = gsrc.to(dev)
     hsrc = (gsrc.repeat_interleave(g) * g + torch.arange(len(gsrc) * g) % g).to(dev)  # source of each q head
-    bound = L.fresh_bound(D)
     with torch.no_grad():
         for lin, heads, idx in ((q, m, hsrc), (k, kv_new, gidx), (v, kv_new, gidx)):
-            w = lin.weight.detach()
-            old = w.shape[0] // hd
-            extra = (heads - old) * hd
-            if spec.init == "net2net":
-                new_w = w.reshape(old, hd, D)[idx[old:]].reshape(extra, D).clone()
-            else:
-                new_w = L.uniform((extra, D), bound, w, generator)
-            if spec.noise:
-                new_w += L.gaussian(new_w.shape, spec.noise, w, generator)
-            new_b = None
-            if lin.bias is not None:
-                b = lin.bias.detach()
-                nb = b.reshape(old, hd)[idx[old:]].reshape(extra) if spec.init == "net2net" else \
-                    L.uniform((extra,), bound, b, generator)
-                new_b = torch.cat([b, nb])
-            L.resize_linear(lin, torch.cat([w, new_w]), new_b)
+            bias = None if lin.bias is None else lin.bias.detach()
+            L.resize_linear(lin, *append_head_rows(lin.weight.detach(), bias, idx, heads, hd, spec.init, spec.noise,
+                                                   generator))
         wo = o.weight.detach()
-        extra = (m - n) * hd
-        if spec.init == "net2net":
-            scale = counts.to(dev, wo.dtype)[gidx].repeat_interleave(g).view(1, -1, 1)
-            full = (wo.reshape(wo.shape[0], n, hd)[:, hsrc] / scale).reshape(wo.shape[0], m * hd)
-            old_cols, cols = full[:, : n * hd], full[:, n * hd:].clone()
-        else:
-            old_cols = wo
-            cols = (L.uniform((wo.shape[0], extra), L.fresh_bound(m * hd), wo, generator) if spec.init == "random"
-                    else wo.new_zeros(wo.shape[0], extra))
-        if spec.noise:
-            cols = cols + L.gaussian(cols.shape, spec.noise, wo, generator)
-        L.resize_linear(o, torch.cat([old_cols, cols], 1), o.bias)
+        # A copied q head attends exactly as its source: its o_proj columns share the source's.
+        head_counts = counts.to(dev, wo.dtype)[gidx].repeat_interleave(g)
+        L.resize_linear(o, grow_head_columns(wo, hsrc, head_counts, m, hd, spec.init, spec.noise, generator), o.bias)
     for name, val in (("num_heads", m), ("num_key_value_heads", kv_new)):
         if hasattr(attn, name):
             setattr(attn, name, val)
     attn.num_key_value_groups = g
-    if spec.init == "random" and m > n:
-        exact, note = False, "random new heads (fresh o_proj columns): not preserving"
-    elif spec.init == "net2net":
-        exact, note = True, (f"net2net: new key-value groups copy existing ones (k, v and their {g} q heads), each "
-                             "copied q head's o_proj columns divided among its copies: exact")
-    else:
-        exact, note = True, "zero: new heads' o_proj columns are zero: exact"
-    if spec.noise and m > n:
-        exact, note = False, note + f"; noise std {spec.noise}: not preserving"
+    exact, note = width_claim(
+        spec.init, spec.noise, "random new heads (fresh o_proj columns): not preserving",
+        f"net2net: new key-value groups copy existing ones (k, v and their {g} q heads), each copied q head's "
+        "o_proj columns divided among its copies: exact",
+        "zero: new heads' o_proj columns are zero: exact", grew=m > n)
     return LayerChange(
         op="widen", path=path, kind="Attention", init=spec.init, before=[D, n], after=[D, m], exact=exact, note=note,
         detail={"heads_before": n, "heads_after": m, "kv_heads_before": kv, "kv_heads_after": kv_new,
@@ -312,8 +267,11 @@ def _add_heads(path: str, attn: nn.Module, spec: Widen, generator) -> LayerChang
     )
 
 
-def _widen_residual(model: nn.Module, path: str, spec: Widen, generator) -> LayerChange:
-    """Grow the residual width ``hidden_size`` D to m, see the module docstring."""
+# --- residual width -------------------------------------------------------------------------------
+
+def _residual_plan(model: nn.Module, path: str, spec: Widen, generator) -> ResidualPlan:
+    """The plan for ``hidden_size`` D -> m (copies, then zero or fresh units); ValueError for a
+    width the config refuses, or net2net copies a tied embedding cannot take."""
     base, _ = _base(model)
     emb = base.embed_tokens
     D = emb.embedding_dim
@@ -325,101 +283,101 @@ def _widen_residual(model: nn.Module, path: str, spec: Widen, generator) -> Laye
             f"(its validate_architecture; from_pretrained would fail), got {m}"
         )
     head = getattr(model, "lm_head", None)
+    if spec.init == "net2net" and m // D > 1 and head is not None and head.weight is emb.weight:
+        raise ValueError(
+            f"Widen({path!r}, init='net2net'): the embedding is tied to lm_head (tie_word_embeddings): net2net "
+            "copies embedding columns but must divide lm_head's columns by the number of copies, which a tied "
+            "weight cannot do; use init='zero' (exact) or untie the embeddings"
+        )
+    # Zero units keep the stream's sum of squares, so RMSNorm's mean of squares shrinks by exactly k*D/m.
+    return residual_plan(D, m, spec.init, "zero", spec.noise, generator)
+
+
+def _widen_residual(model: nn.Module, path: str, spec: Widen, generator) -> LayerChange:
+    """Grow the residual width ``hidden_size`` D to m, see the module docstring."""
+    base, _ = _base(model)
+    plan = _residual_plan(model, path, spec, generator)
+    emb = base.embed_tokens
+    head = getattr(model, "lm_head", None)
     tied = head is not None and head.weight is emb.weight
-    if spec.init == "net2net":
-        k = m // D
-        if tied and k > 1:
-            raise ValueError(
-                f"Widen({path!r}, init='net2net'): the embedding is tied to lm_head (tie_word_embeddings): net2net "
-                "copies embedding columns but must divide lm_head's columns by the number of copies, which a tied "
-                "weight cannot do; use init='zero' (exact) or untie the embeddings"
-            )
-    else:
-        k = 1
-    n_zero = m - k * D if spec.init != "random" else 0
-    n_fresh = m - k * D if spec.init == "random" else 0
-    src = torch.arange(k * D) % D
-    # Copies repeat the mean of squares, zero units add nothing to it: it shrinks by exactly k*D/m.
-    shrink = (k * D) / m if spec.init != "random" else 1.0
     std = float(getattr(base.config, "initializer_range", 0.02))
-    noise = spec.noise
-
-    def grow(t, dim, fresh):
-        t = t.detach()
-        parts = [t.index_select(dim, src.to(t.device))]
-        shape = list(t.shape)
-        shape[dim] = m - k * D
-        parts.append(fresh(tuple(shape)) if n_fresh else t.new_zeros(shape))
-        out = torch.cat(parts, dim).clone()
-        if noise and m > D:
-            sl = [slice(None)] * out.dim()
-            sl[dim] = slice(D, None)
-            out[tuple(sl)] += L.gaussian(out[tuple(sl)].shape, noise, out, generator)
-        return out
-
     layers = list(base.layers)
     norms = [base.norm] + [nm for layer in layers for nm in (layer.input_layernorm, layer.post_attention_layernorm)]
+    writers = [lin for layer in layers for lin in (layer.self_attn.o_proj, layer.mlp.down_proj)]
+    readers = [lin for layer in layers for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                                                    layer.self_attn.v_proj, layer.mlp.gate_proj, layer.mlp.up_proj)]
+    if head is not None and not tied:
+        readers.append(head)
     with torch.no_grad():
-        L.replace_param(emb, "weight", grow(emb.weight, 1, lambda sh: L.gaussian(sh, std, emb.weight, generator)))
-        emb.embedding_dim = m
+        L.replace_param(emb, "weight", plan.write(emb.weight, 1, lambda sh: L.gaussian(sh, std, emb.weight,
+                                                                                          plan.generator)))
+        emb.embedding_dim = plan.m
         for nm in norms:
-            w = nm.weight.detach()
-            L.replace_param(nm, "weight", torch.cat([w[src.to(w.device)] * shrink ** 0.5, w.new_ones(m - k * D)]))
-            nm.variance_epsilon = nm.variance_epsilon * shrink
-        writers = [lin for layer in layers for lin in (layer.self_attn.o_proj, layer.mlp.down_proj)]
-        for lin in writers:
-            w, b = lin.weight, lin.bias
-            new_b = None if b is None else grow(b, 0, lambda sh: b.new_zeros(sh))
-            L.resize_linear(lin, grow(w, 0, lambda sh: L.gaussian(sh, std, w, generator)), new_b)
-        readers = [lin for layer in layers for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj,
-                                                        layer.self_attn.v_proj, layer.mlp.gate_proj, layer.mlp.up_proj)]
-        if head is not None and not tied:
-            readers.append(head)
+            _grow_rmsnorm(nm, plan)
+        _grow_writers(writers, plan, std)
         for lin in readers:
             w = lin.weight.detach()
-            cols = [w[:, src.to(w.device)] / k]
-            extra = m - k * D
-            # zero units read 0 (after any RMSNorm), so fresh columns keep exactness and give their writers a gradient
-            cols.append(L.gaussian((w.shape[0], extra), std, w, generator))
-            new_w = torch.cat(cols, 1)
-            if noise and m > D:
-                new_w[:, D:] += L.gaussian((w.shape[0], m - D), noise, w, generator)
-            L.resize_linear(lin, new_w, lin.bias)
+            # Zero units read 0 (after any RMSNorm): fresh columns keep it exact and give their writers a gradient.
+            L.resize_linear(lin, plan.read(w, 1, lambda sh: L.gaussian(sh, std, w, plan.generator)), lin.bias)
         if tied:
             head.weight = emb.weight
-            head.in_features = m
-    for layer in layers:
-        if hasattr(layer, "hidden_size"):
-            layer.hidden_size = m
-        if hasattr(layer.mlp, "hidden_size"):
-            layer.mlp.hidden_size = m
-    for c in _configs(model):
-        c.hidden_size = m
-        c.rms_norm_eps = c.rms_norm_eps * shrink
-    if spec.init == "random" and m > D:
-        exact, note = False, "random: fresh residual units (embedding columns, writer rows, reader columns): not preserving"
-    else:
-        parts = []
-        if k > 1:
-            parts.append(f"every residual unit duplicated {k} times (reader columns divided by {k})")
-        if n_zero:
-            parts.append(f"{n_zero} zero units (zero embedding columns and o_proj/down_proj rows; fresh reader columns)")
-        if shrink != 1.0:
-            parts.append(f"RMSNorm eps x{shrink:.6g} and gains x sqrt of that")
-        exact, note = True, f"{spec.init}: " + ("; ".join(parts) or "unchanged width") + ": exact"
-    if noise and m > D:
-        exact, note = False, note + f"; noise std {noise}: not preserving"
+            head.in_features = plan.m
+    _set_hidden_size(model, layers, plan)
+    exact, note = _residual_claim(plan, spec.init)
     return LayerChange(
-        op="widen", path=path, kind="Embedding", init=spec.init, before=[D], after=[m], exact=exact, note=note,
-        detail={"hidden_size": [D, m], "copies": k, "zero_units": n_zero, "fresh": n_fresh, "eps_scale": shrink,
-                "tied": tied, "rmsnorms": len(norms), "writers": len(writers) + 1,
+        op="widen", path=path, kind="Embedding", init=spec.init, before=[plan.D], after=[plan.m], exact=exact,
+        note=note,
+        detail={"hidden_size": [plan.D, plan.m], "copies": plan.k, "zero_units": plan.n_zero, "fresh": plan.n_fresh,
+                "eps_scale": plan.shrink, "tied": tied, "rmsnorms": len(norms), "writers": len(writers) + 1,
                 "readers": len(readers) + int(tied)},
     )
+
+
+def _grow_rmsnorm(nm: nn.Module, plan: ResidualPlan) -> None:
+    """Grow an RMSNorm: copied gains times ``sqrt(shrink)``, new gains 1, eps times ``shrink``."""
+    w = nm.weight.detach()
+    L.replace_param(nm, "weight", torch.cat([w[plan.src.to(w.device)] * plan.shrink ** 0.5, w.new_ones(plan.extra)]))
+    nm.variance_epsilon = nm.variance_epsilon * plan.shrink
+
+
+def _grow_writers(writers, plan: ResidualPlan, std: float) -> None:
+    """Grow the output rows of ``o_proj``/``down_proj`` (fresh ones N(0, std)) and their biases."""
+    for lin in writers:
+        w, b = lin.weight, lin.bias
+        new_b = None if b is None else plan.write(b, 0, lambda sh: b.new_zeros(sh))
+        L.resize_linear(lin, plan.write(w, 0, lambda sh: L.gaussian(sh, std, w, plan.generator)), new_b)
+
+
+def _set_hidden_size(model: nn.Module, layers, plan: ResidualPlan) -> None:
+    """Record the new hidden size on the layers, their mlps and every config; eps follows the shrink."""
+    for layer in layers:
+        if hasattr(layer, "hidden_size"):
+            layer.hidden_size = plan.m
+        if hasattr(layer.mlp, "hidden_size"):
+            layer.mlp.hidden_size = plan.m
+    for c in _configs(model):
+        c.hidden_size = plan.m
+        c.rms_norm_eps = c.rms_norm_eps * plan.shrink
+
+
+def _residual_claim(plan: ResidualPlan, init: str):
+    """Whether the residual widening preserves the function, and why."""
+    parts = []
+    if plan.k > 1:
+        parts.append(f"every residual unit duplicated {plan.k} times (reader columns divided by {plan.k})")
+    if plan.n_zero:
+        parts.append(f"{plan.n_zero} zero units (zero embedding columns and o_proj/down_proj rows; fresh reader "
+                     "columns)")
+    if plan.shrink != 1.0:
+        parts.append(f"RMSNorm eps x{plan.shrink:.6g} and gains x sqrt of that")
+    return residual_claim(plan, init, "random: fresh residual units (embedding columns, writer rows, reader "
+                          "columns): not preserving", parts)
 
 
 # --- depth ---------------------------------------------------------------------------------------
 
 def _new_layer(prev: nn.Module, spec: Deepen, config, generator) -> nn.Module:
+    """A decoder layer shaped like ``prev``: a copy, or fresh (``o_proj``/``down_proj`` zero for ``zero``)."""
     # Share the model's config (deepcopy would give the new layer its own, stale copy).
     memo = {id(c): c for c in {id(getattr(mm, "config", None)): getattr(mm, "config", None)
                                for mm in prev.modules()}.values() if c is not None}
@@ -448,11 +406,7 @@ def _new_layer(prev: nn.Module, spec: Deepen, config, generator) -> nn.Module:
 
 def deepen_llama(model: nn.Module, spec: Deepen, generator: Optional[torch.Generator]) -> list:
     """Insert ``spec.count`` decoder layers after each selected layer, see the module docstring."""
-    if spec.init == "identity":
-        raise ValueError(
-            f"Deepen.after={spec.after!r}: init='identity' inserts a plain layer, which a LLaMA decoder does not take; "
-            "use init='zero' (a decoder layer with zero o_proj and down_proj: function-preserving), 'random' or 'copy'"
-        )
+    refuse_identity(spec, "a LLaMA decoder", "a decoder layer with zero o_proj and down_proj")
     base, prefix = _base(model)
     old = list(base.layers)
     paths = [f"{prefix}.{i}" for i in range(len(old))]
@@ -461,44 +415,34 @@ def deepen_llama(model: nn.Module, spec: Deepen, generator: Optional[torch.Gener
         not_one="a LlamaDecoderLayer; layers can only be inserted after a decoder layer",
         listing="decoder layer of the LLaMA model; its layers are")
     config = base.config
-    types = getattr(config, "layer_types", None)
-    new_list, new_types, out = [], [], []
-    for i, prev in enumerate(old):
-        new_list.append(prev)
-        if types is not None:
-            new_types.append(types[i])
-        if paths[i] not in hits:
-            continue
-        for t in range(spec.count):
-            layer = _new_layer(prev, spec, config, generator)
-            new_list.append(layer)
-            if types is not None:
-                new_types.append(types[i])
-            if spec.init == "zero":
-                exact, note = True, "zero: o_proj and down_proj are zero, both residual branches add 0: exact"
-            else:
-                exact, note = False, f"{spec.init} layer: not preserving"
-            if spec.noise:
-                exact, note = False, note.replace(": exact", "") + f"; noise std {spec.noise}: not preserving"
-            a = layer.self_attn
-            out.append((layer, LayerChange(
-                op="deepen", path="", kind="LlamaDecoderLayer", init=spec.init, before=[],
-                after=[a.q_proj.in_features, a.q_proj.out_features // a.head_dim], exact=exact, note=note,
-                detail={"after": paths[i], "layer": t, "params": L.n_params(layer),
-                        "intermediate_size": layer.mlp.gate_proj.out_features, "head_dim": a.head_dim,
-                        "kv_heads": a.k_proj.out_features // a.head_dim},
-            )))
+    new_list, added = insert_after(old, paths, hits, spec.count, lambda prev: _new_layer(prev, spec, config,
+                                                                                         generator))
     base.layers = nn.ModuleList(new_list)
     for j, layer in enumerate(new_list):
         layer.self_attn.layer_idx = j
+    types = getattr(config, "layer_types", None)
     if types is not None:
+        # A new layer takes the type of the layer it follows.
+        new_types = [types[i] for i, p in enumerate(paths) for _ in range(1 + spec.count * (p in hits))]
         for c in _configs(model):
             c.layer_types = list(new_types)
-    where = {id(m): j for j, m in enumerate(new_list)}
-    for layer, c in out:
-        c.path = f"{prefix}.{where[id(layer)]}"
-        c.detail["index"] = where[id(layer)]
-    return out
+    exact, note = deepen_claim(spec.init, spec.noise,
+                               "zero: o_proj and down_proj are zero, both residual branches add 0: exact", "layer")
+    return [(layer, _layer_change(prefix, layer, spec, after, t, index, exact, note))
+            for layer, after, t, index in added]
+
+
+def _layer_change(prefix: str, layer: nn.Module, spec: Deepen, after: str, t: int, index: int, exact: bool,
+                  note: str) -> LayerChange:
+    """The LayerChange for a new decoder layer at ``index``."""
+    a = layer.self_attn
+    return LayerChange(
+        op="deepen", path=f"{prefix}.{index}", kind="LlamaDecoderLayer", init=spec.init, before=[],
+        after=[a.q_proj.in_features, a.q_proj.out_features // a.head_dim], exact=exact, note=note,
+        detail={"after": after, "layer": t, "params": L.n_params(layer),
+                "intermediate_size": layer.mlp.gate_proj.out_features, "head_dim": a.head_dim,
+                "kv_heads": a.k_proj.out_features // a.head_dim, "index": index},
+    )
 
 
 def finish_llama(model: nn.Module) -> None:
@@ -526,9 +470,8 @@ def _default_inputs(model: nn.Module) -> Optional[torch.Tensor]:
     ``LlamaModel`` is compared on its ``last_hidden_state``)."""
     base, _ = _base(model)
     cfg = base.config
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, cfg.vocab_size, (64, min(int(cfg.max_position_embeddings), 16)), generator=g)
-    return x.to(base.embed_tokens.weight.device)
+    return L.fixed_seed_tokens(cfg.vocab_size, min(int(cfg.max_position_embeddings), 16),
+                               base.embed_tokens.weight.device)
 
 
 FAMILY = Family(name="Hugging Face LLaMA", matches=_matches, widen=widen_llama, deepen=deepen_llama,

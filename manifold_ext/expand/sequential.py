@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 from . import _layers as L
@@ -17,7 +16,9 @@ DEFAULT_CHECK_BATCH = 64
 
 
 def _paired(step):
+    """The family step for ``step``, which returns LayerChanges: ``(module, LayerChange)`` pairs."""
     def run(model, spec, generator):
+        """Apply ``step`` and pair each change with the module at its path."""
         changes = step(model, spec, generator)
         return [(model._modules[c.path], c) for c in changes]
     return run
@@ -29,13 +30,11 @@ def _default_inputs(model: nn.Module) -> Optional[Tensor]:
     kids = list(model.children())
     if not kids or not isinstance(kids[0], nn.Linear):
         return None
-    w = kids[0].weight
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(DEFAULT_CHECK_BATCH, kids[0].in_features, generator=g)
-    return x.to(device=w.device, dtype=w.dtype)
+    return L.fixed_seed_normal((DEFAULT_CHECK_BATCH, kids[0].in_features), kids[0].weight)
 
 
 def _matches(model: nn.Module) -> bool:
+    """True for an ``nn.Sequential``; TypeError, by name, for anything else (the last family)."""
     L.children(model)  # refuses, by name, anything but an nn.Sequential
     return True
 

@@ -14,12 +14,25 @@ WIDTH_INITS = ("net2net", "zero", "random")
 DEPTH_INITS = ("identity", "zero", "random", "copy")
 
 
+def _is_number(value, kind) -> bool:
+    """Whether ``value`` is a ``kind`` (``numbers.Real`` or ``numbers.Integral``) and not a bool."""
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
 def _check_noise(cls: str, noise) -> None:
-    if isinstance(noise, bool) or not isinstance(noise, numbers.Real) or not noise >= 0:
+    """ValueError unless ``noise`` is a real number >= 0."""
+    if not _is_number(noise, numbers.Real) or not noise >= 0:
         raise ValueError(f"{cls}: noise must be a real number >= 0 (the std of the Gaussian noise), got {noise!r}")
 
 
+def _check_init(spec: str, init, inits: tuple) -> None:
+    """ValueError unless ``init`` is one of ``inits`` (``spec`` names the spec in the message)."""
+    if init not in inits:
+        raise ValueError(f"{spec}: init must be one of {inits}, got {init!r}")
+
+
 def _check_path(cls: str, arg: str, value) -> None:
+    """TypeError unless ``value`` is a non-empty str."""
     if not isinstance(value, str) or not value:
         raise TypeError(f"{cls}: {arg} must be a non-empty module path or glob pattern (str), got {value!r}")
 
@@ -42,7 +55,7 @@ class Widen:
     ``size`` (the new width, ``>=`` the current one).
     ``init``: ``"net2net"`` or ``"zero"`` (function-preserving, see ``width.widen``) or
     ``"random"`` (not preserving). ``noise``: std of Gaussian noise added to the new weights
-    (symmetry breaking); with ``noise > 0`` preservation is no longer claimed.
+    (symmetry breaking); with ``noise > 0`` preservation is not claimed.
     """
 
     target: str
@@ -52,6 +65,7 @@ class Widen:
     noise: float = 0.0
 
     def __post_init__(self):
+        """Validate the fields (TypeError/ValueError), so a bad spec fails where it is written."""
         _check_path("Widen", "target", self.target)
         if (self.factor is None) == (self.size is None):
             raise ValueError(
@@ -59,14 +73,13 @@ class Widen:
             )
         if self.factor is not None:
             f = self.factor
-            if isinstance(f, bool) or not isinstance(f, numbers.Real) or not f >= 1:
+            if not _is_number(f, numbers.Real) or not f >= 1:
                 raise ValueError(f"Widen({self.target!r}): factor must be a real number >= 1, got {f!r}")
         if self.size is not None:
             s = self.size
-            if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1:
+            if not _is_number(s, numbers.Integral) or s < 1:
                 raise ValueError(f"Widen({self.target!r}): size must be a positive integer, got {s!r}")
-        if self.init not in WIDTH_INITS:
-            raise ValueError(f"Widen({self.target!r}): init must be one of {WIDTH_INITS}, got {self.init!r}")
+        _check_init(f"Widen({self.target!r})", self.init, WIDTH_INITS)
         _check_noise("Widen", self.noise)
 
     def new_width(self, path: str, kind: str, width: int) -> int:
@@ -107,10 +120,10 @@ class Deepen:
     noise: float = 0.0
 
     def __post_init__(self):
+        """Validate the fields (TypeError/ValueError), so a bad spec fails where it is written."""
         _check_path("Deepen", "after", self.after)
         c = self.count
-        if isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 1:
+        if not _is_number(c, numbers.Integral) or c < 1:
             raise ValueError(f"Deepen({self.after!r}): count must be an integer >= 1, got {c!r}")
-        if self.init not in DEPTH_INITS:
-            raise ValueError(f"Deepen({self.after!r}): init must be one of {DEPTH_INITS}, got {self.init!r}")
+        _check_init(f"Deepen({self.after!r})", self.init, DEPTH_INITS)
         _check_noise("Deepen", self.noise)

@@ -55,13 +55,10 @@ them (``(out, in, kh, kw)`` for a Conv2d, ``(out, in)`` for a Linear, ``(C,)`` f
 ``before`` is ``[]`` for a new module); the paths are those of the final expanded model.
 
 Default check inputs: 8 standard-normal 32x32 images (channels of ``conv1``) from a fixed seed.
-Measured max |expanded - base| on the logits (float32, eval, random BatchNorm weights, biases and
-running statistics, 8 random 32x32 images; 16 seeds x {BasicBlock (64..512 channels), Bottleneck
-with width_per_group=16 (outputs 256..2048)}, 1-2 blocks per stage, factors 1.25 to 3, max |logit|
-2.8): net2net inner widths ("*") 2.4e-6, net2net one stage 2.4e-6, all four stages 2.3e-6; zero
-(inner, stage) 0; zero blocks (``layer*`` x 2 and ``layer*.0`` with noise 0.1) 0. A full-size
-resnet50 (random BatchNorms, logits up to 74) grown by a stage, inner widths and a block: 8.4e-5
-(relative 1.1e-6: float32 rounding; 0 in float64). tests/test_expand_tv_resnet.py checks 1e-5.
+"Exact" means equal up to float rounding: tests/test_expand_tv_resnet.py checks 1e-5 on the logits
+in float32, with random BatchNorm weights, biases and running statistics. A deep model with large
+logits (a full-size resnet50) can exceed 1e-5 in absolute terms: float32 rounding grows with the
+size of the logits, so compare such models relative to it, or in float64.
 """
 
 from __future__ import annotations
@@ -76,12 +73,13 @@ import torch
 from torch import nn
 
 from . import _layers as L
+from ._claims import deepen_claim, stage_claim
+from ._insert import refuse_identity
+from ._units import widen_channel_set
 from .conv import widen_conv
-from .resnet import grow_channels
 from .registry import Family
 from .report import LayerChange
 from .specs import Deepen, Widen
-from .width import _plan
 
 # Per grown model: (module, record) pairs whose record["path"] ``_finish`` brings up to date after
 # every spec (a later Deepen may renumber the blocks of a stage).
@@ -89,11 +87,13 @@ _RECORDS: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictiona
 
 
 def _is_tv_resnet(model: nn.Module) -> bool:
+    """Whether ``model`` is a torchvision ResNet (by class name and module, without importing torchvision)."""
     t = type(model)
     return t.__name__ == "ResNet" and t.__module__.startswith("torchvision.")
 
 
 def _block_kind(blk: nn.Module) -> str:
+    """"BasicBlock" or "Bottleneck"; TypeError for any other block."""
     t = type(blk)
     if t.__module__.startswith("torchvision.") and t.__name__ in ("BasicBlock", "Bottleneck"):
         return t.__name__
@@ -106,17 +106,20 @@ def _last(blk: nn.Module):
 
 
 def _stages(model) -> "OrderedDict[str, nn.Sequential]":
+    """The model's stages ``layer<s>`` by name."""
     return OrderedDict((n, m) for n, m in model.named_children()
                        if n.startswith("layer") and isinstance(m, nn.Sequential))
 
 
 def _check_bn(path: str, mod) -> None:
+    """TypeError unless ``mod`` is an ``nn.BatchNorm2d``."""
     if type(mod) is not nn.BatchNorm2d:
         raise TypeError(f"module {path!r} ({L.kind(mod)}) is not supported: the torchvision ResNet growth operators "
                         "need nn.BatchNorm2d normalisation layers")
 
 
 def _shape(mod: nn.Module) -> List[int]:
+    """The module's weight shape (a BatchNorm without affine parameters: its number of features)."""
     w = getattr(mod, "weight", None)
     if w is None:
         return [int(mod.running_mean.shape[0])]
@@ -132,7 +135,16 @@ def _record(model, recs: list, mod: nn.Module, before: List[int]) -> dict:
     return rec
 
 
+def _records(model, mods: list, before: dict) -> list:
+    """Weights records for ``mods`` (``before``: their shapes before the step, by id)."""
+    recs: list = []
+    for x in mods:
+        _record(model, recs, x, before[id(x)])
+    return recs
+
+
 def _finish(model: nn.Module) -> None:
+    """Bring every weights record's path up to date with the model's current paths."""
     where = {id(m): n for n, m in model.named_modules()}
     for mod, rec in _RECORDS.get(model, []):
         if id(mod) in where:
@@ -143,6 +155,7 @@ def _finish(model: nn.Module) -> None:
 
 
 def _candidates(model) -> List[str]:
+    """The widenable inner convolutions: every block's ``conv1``, and a Bottleneck's ``conv2``."""
     out = []
     for s, stage in _stages(model).items():
         for b, blk in stage._modules.items():
@@ -159,50 +172,37 @@ WIDENABLE = ("block inner channels 'layer<s>.<b>.conv1' (and '.conv2' of a Bottl
 def widen_tv_resnet(model, spec: Widen, generator: Optional[torch.Generator]) -> list:
     """Apply one Widen spec in place (the model is already a copy); returns ``(module,
     LayerChange)`` pairs: per widened inner convolution, or one for a stage."""
-    from .transformer import select
-
-    stages = _stages(model)
-    if spec.target in stages:
+    if spec.target in _stages(model):
         return _widen_stage(model, spec, generator)
-    cands = [(p, "inner") for p in _candidates(model)]
-    hits = select(model, spec, cands, WIDENABLE)
+    hits = L.select_widen_targets(model, spec, [(p, "inner") for p in _candidates(model)], WIDENABLE)
     mods = dict(model.named_modules())
-    out = []
-    for path, _ in hits:
-        bpath, name = path.rsplit(".", 1)
-        blk = mods[bpath]
-        # conv1 -> bn1 -> ReLU -> conv2, or (Bottleneck) conv2 -> bn2 -> ReLU -> conv3
-        idx, nxt = ("1", "conv2") if name == "conv1" else ("2", "conv3")
-        a, bn, c = getattr(blk, name), getattr(blk, f"bn{idx}"), getattr(blk, nxt)
-        _check_bn(f"{bpath}.bn{idx}", bn)
-        before = {id(x): _shape(x) for x in (a, bn, c)}
-        seq = nn.Sequential(OrderedDict([(name, a), (f"bn{idx}", bn), ("relu", nn.ReLU()), (nxt, c)]))
-        m = spec.new_width(path, "Conv2d", a.out_channels)
-        change = widen_conv(seq, 0, m, spec.init, spec.noise, generator)
-        change.path = path
-        change.detail["consumer"] = f"{bpath}.{nxt}"
-        change.detail["block"] = _block_kind(blk)
-        recs: list = []
-        for x in (a, bn, c):
-            _record(model, recs, x, before[id(x)])
-        change.detail["weights"] = recs
-        out.append((a, change))
-    return out
+    return [_widen_inner(model, mods, path, spec, generator) for path, _ in hits]
 
 
-def _widen_stage(model, spec: Widen, generator) -> list:
-    path = spec.target
+def _widen_inner(model, mods: dict, path: str, spec: Widen, generator):
+    """Widen one inner convolution's output channels (``path``); returns ``(conv, LayerChange)``."""
+    bpath, name = path.rsplit(".", 1)
+    blk = mods[bpath]
+    # conv1 -> bn1 -> ReLU -> conv2, or (Bottleneck) conv2 -> bn2 -> ReLU -> conv3
+    idx, nxt = ("1", "conv2") if name == "conv1" else ("2", "conv3")
+    a, bn, c = getattr(blk, name), getattr(blk, f"bn{idx}"), getattr(blk, nxt)
+    _check_bn(f"{bpath}.bn{idx}", bn)
+    before = {id(x): _shape(x) for x in (a, bn, c)}
+    seq = nn.Sequential(OrderedDict([(name, a), (f"bn{idx}", bn), ("relu", nn.ReLU()), (nxt, c)]))
+    m = spec.new_width(path, "Conv2d", a.out_channels)
+    change = widen_conv(seq, 0, m, spec.init, spec.noise, generator)
+    change.path = path
+    change.detail["consumer"] = f"{bpath}.{nxt}"
+    change.detail["block"] = _block_kind(blk)
+    change.detail["weights"] = _records(model, [a, bn, c], before)
+    return a, change
+
+
+def _stage_channels(model, path: str, names: List[str], si: int):
+    """The modules that write (convolutions), normalise (BatchNorm2d) and read (convolutions or
+    ``fc``) the output channels of stage ``si``; see the module docstring."""
     stages = _stages(model)
-    names = list(stages)
-    si = names.index(path)
     blocks = list(stages[path])
-    where = {id(x): k for k, x in model.named_modules()}
-    last_bn = _last(blocks[-1])[1]
-    _check_bn(where[id(last_bn)], last_bn)
-    n = last_bn.num_features
-    m = spec.new_width(path, "stage output width", n)
-    init, noise = spec.init, spec.noise
-
     producers, bns, consumers = [], [], []
     first = blocks[0]
     if first.downsample is None:
@@ -231,10 +231,12 @@ def _widen_stage(model, spec: Widen, generator) -> list:
         if nxt.downsample is not None:
             consumers.append(nxt.downsample[0])
     else:
-        if not isinstance(model.fc, nn.Linear) or model.fc.in_features != n:
-            raise TypeError(f"module 'fc' ({L.kind(model.fc)}) is not supported: expected an nn.Linear reading the "
-                            f"{n} channels of {path!r}")
         consumers.append(model.fc)
+    return producers, bns, consumers
+
+
+def _check_stage_channels(where: dict, path: str, n: int, producers, bns, consumers) -> None:
+    """TypeError/ValueError unless every module on the stage's channels is supported and ``n`` wide."""
     for b in bns:
         _check_bn(where[id(b)], b)
         if b.num_features != n:
@@ -250,32 +252,31 @@ def _widen_stage(model, spec: Widen, generator) -> list:
         if got != n:
             raise ValueError(f"module {where[id(c)]!r} ({L.kind(c)}) has {got} inputs, expected {n}")
 
-    before = {id(x): _shape(x) for x in producers + bns + consumers}
-    copies, _, n_fresh = _plan(n, m, init, False, generator)
-    src = torch.cat([torch.arange(n), copies])
-    counts = torch.bincount(src, minlength=n)
-    grow_channels(producers, bns, consumers, src, counts, n, m, n_fresh, init, spec.noise, generator)
 
-    if init == "random":
-        exact, note = False, "random new output channels: not preserving"
-    elif init == "net2net":
-        exact, note = True, ("net2net: output channels copied across the residual sums (BatchNorm2d copied, "
-                             "consumers divided by the copy count): exact")
-        if noise:
-            exact, note = False, note + f"; noise std {noise}: not preserving"
-    else:
-        exact, note = True, ("zero: new output channels are 0 after every BatchNorm (gamma = beta = 0), zero "
-                             "consumer columns: exact")
-        if noise:
-            note += f"; noise std {noise} on new kernels and consumer columns (channels stay 0): exact"
-    recs: list = []
-    for x in producers + bns + consumers:
-        _record(model, recs, x, before[id(x)])
-    return [(stages[path], LayerChange(
-        op="widen", path=path, kind="Stage", init=init, before=[n], after=[m], exact=exact, note=note,
+def _widen_stage(model, spec: Widen, generator) -> list:
+    """Widen stage ``spec.target``'s output (residual) channels; returns one ``(stage, LayerChange)`` pair."""
+    path = spec.target
+    names = list(_stages(model))
+    si = names.index(path)
+    where = {id(x): k for k, x in model.named_modules()}
+    last_bn = _last(list(_stages(model)[path])[-1])[1]
+    _check_bn(where[id(last_bn)], last_bn)
+    n = last_bn.num_features
+    m = spec.new_width(path, "stage output width", n)
+    producers, bns, consumers = _stage_channels(model, path, names, si)
+    if si + 1 == len(names) and (not isinstance(model.fc, nn.Linear) or model.fc.in_features != n):
+        raise TypeError(f"module 'fc' ({L.kind(model.fc)}) is not supported: expected an nn.Linear reading the "
+                        f"{n} channels of {path!r}")
+    _check_stage_channels(where, path, n, producers, bns, consumers)
+    modules = producers + bns + consumers
+    before = {id(x): _shape(x) for x in modules}
+    copies, n_fresh = widen_channel_set(producers, bns, consumers, n, m, spec.init, spec.noise, generator)
+    exact, note = stage_claim(spec.init, spec.noise, "output channels", "copied across the residual sums")
+    return [(_stages(model)[path], LayerChange(
+        op="widen", path=path, kind="Stage", init=spec.init, before=[n], after=[m], exact=exact, note=note,
         detail={"copied": int(len(copies)), "fresh": int(n_fresh), "sources": [int(i) for i in copies],
                 "producers": [where[id(x)] for x in producers], "batchnorms": [where[id(x)] for x in bns],
-                "consumers": [where[id(x)] for x in consumers], "weights": recs},
+                "consumers": [where[id(x)] for x in consumers], "weights": _records(model, modules, before)},
     ))]
 
 
@@ -283,19 +284,15 @@ def _widen_stage(model, spec: Widen, generator) -> list:
 
 
 def _fresh_convs(block: nn.Module):
+    """Every Conv2d of the block."""
     return [mod for mod in block.modules() if isinstance(mod, nn.Conv2d)]
 
 
 def _new_block(where: str, src: nn.Module, spec: Deepen, generator) -> nn.Module:
     """A stride-1 block without downsample, as wide as ``src``'s output (``src`` is the block it follows)."""
-    import torchvision.models.resnet as tvr
-
     kind = _block_kind(src)
     for name in ("bn1", "bn2") + (("bn3",) if kind == "Bottleneck" else ()):
         _check_bn(f"{where}.{name}", getattr(src, name))
-    conv_last, bn_last = _last(src)
-    w = bn_last.num_features
-    like = conv_last.weight
     if spec.init == "copy":
         if src.downsample is not None:
             raise ValueError(
@@ -303,7 +300,27 @@ def _new_block(where: str, src: nn.Module, spec: Deepen, generator) -> nn.Module
                 f"(it changes the channels or the resolution); insert after a later block, add a block first "
                 "(init='zero' or 'random'), or use another init")
         return copy.deepcopy(src)
-    if kind == "BasicBlock":
+    like = _last(src)[0].weight
+    block = _empty_block(src).to(device=like.device, dtype=like.dtype)
+    with torch.no_grad():
+        for conv in _fresh_convs(block):
+            bound = L.fresh_bound(conv.weight[0].numel())
+            conv.weight.copy_(L.uniform(conv.weight.shape, bound, conv.weight, generator))
+        if spec.init == "zero":
+            _, last_bn = _last(block)
+            last_bn.weight.zero_()
+            last_bn.bias.zero_()
+    block.train(src.training)
+    return block
+
+
+def _empty_block(src: nn.Module) -> nn.Module:
+    """A freshly constructed block of ``src``'s class, as wide as its output, with its inner
+    width, groups and dilation, and its BatchNorms' eps and momentum."""
+    import torchvision.models.resnet as tvr
+
+    w = _last(src)[1].num_features
+    if _block_kind(src) == "BasicBlock":
         block = tvr.BasicBlock(w, w)
     else:
         inner, groups = src.conv2.out_channels, src.conv2.groups
@@ -319,32 +336,16 @@ def _new_block(where: str, src: nn.Module, spec: Deepen, generator) -> nn.Module
         block.bn3 = nn.BatchNorm2d(w)
     for bn in block.modules():
         if isinstance(bn, nn.BatchNorm2d):
-            ref = src.bn1
-            bn.eps, bn.momentum = ref.eps, ref.momentum
-    block = block.to(device=like.device, dtype=like.dtype)
-    with torch.no_grad():
-        for conv in _fresh_convs(block):
-            bound = L.fresh_bound(conv.weight[0].numel())
-            conv.weight.copy_(L.uniform(conv.weight.shape, bound, conv.weight, generator))
-        if spec.init == "zero":
-            _, last_bn = _last(block)
-            last_bn.weight.zero_()
-            last_bn.bias.zero_()
-    block.train(src.training)
+            bn.eps, bn.momentum = src.bn1.eps, src.bn1.momentum
     return block
 
 
-def deepen_tv_resnet(model, spec: Deepen, generator: Optional[torch.Generator]) -> list:
-    """Apply one Deepen spec in place; returns one ``(new block, LayerChange)`` pair per new block."""
-    if spec.init == "identity":
-        raise ValueError(
-            f"Deepen.after={spec.after!r}: init='identity' inserts a plain layer, which a torchvision ResNet does not "
-            "take; use init='zero' (a residual block with zero last-BatchNorm gamma and beta: function-preserving), "
-            "'random' or 'copy'")
+def _insertion_points(model, after: str) -> list:
+    """``(stage name, stage, block, path)`` for each place ``after`` names: a stage (its last
+    block) or a block; exact paths first, then globs over the stages, then over the blocks."""
     stages = _stages(model)
     stage_paths = list(stages)
     block_paths = [f"{s}.{b}" for s, st in stages.items() for b in st._modules]
-    after = spec.after
     hits = ([p for p in stage_paths + block_paths if p == after]
             or [p for p in stage_paths if fnmatch.fnmatchcase(p, after)]
             or [p for p in block_paths if fnmatch.fnmatchcase(p, after)])
@@ -361,9 +362,27 @@ def deepen_tv_resnet(model, spec: Deepen, generator: Optional[torch.Generator]) 
         else:
             s, b = p.split(".")
             points.append((s, stages[s], stages[s]._modules[b], p))
+    return points
+
+
+def _insert_into_stage(stage: nn.Sequential, new: nn.Module, at: int) -> None:
+    """Insert ``new`` at position ``at`` of ``stage``, renumbering the blocks after it."""
+    mods = list(stage)
+    mods.insert(at, new)
+    for k in list(stage._modules):
+        del stage._modules[k]
+    for i, x in enumerate(mods):
+        stage.add_module(str(i), x)
+
+
+def deepen_tv_resnet(model, spec: Deepen, generator: Optional[torch.Generator]) -> list:
+    """Apply one Deepen spec in place; returns one ``(new block, LayerChange)`` pair per new block."""
+    refuse_identity(spec, "a torchvision ResNet", "a residual block with zero last-BatchNorm gamma and beta")
+    # Noise on a zero block's convolutions stays multiplied by gamma = 0: the claim ignores it.
+    exact, note = deepen_claim(spec.init, 0.0, "zero: last BatchNorm gamma = beta = 0, the residual branch adds 0 "
+                                               "and relu(x + 0) = x on a ReLU output: exact")
     changes = []
-    for s, stage, blk, p in points:
-        kind = _block_kind(blk)
+    for s, stage, blk, p in _insertion_points(model, spec.after):
         for t in range(spec.count):
             src_path = dict((id(x), k) for k, x in model.named_modules())[id(blk)]
             new = _new_block(src_path, blk, spec, generator)
@@ -371,25 +390,15 @@ def deepen_tv_resnet(model, spec: Deepen, generator: Optional[torch.Generator]) 
                 with torch.no_grad():
                     for conv in _fresh_convs(new):
                         conv.weight.add_(L.gaussian(conv.weight.shape, spec.noise, conv.weight, generator))
-            mods = list(stage)
-            at = next(i for i, x in enumerate(mods) if x is blk) + 1 + t
-            mods.insert(at, new)
-            for k in list(stage._modules):
-                del stage._modules[k]
-            for i, x in enumerate(mods):
-                stage.add_module(str(i), x)
+            at = next(i for i, x in enumerate(stage) if x is blk) + 1 + t
+            _insert_into_stage(stage, new, at)
             w = _last(new)[1].num_features
-            if spec.init == "zero":
-                exact, note = True, ("zero: last BatchNorm gamma = beta = 0, the residual branch adds 0 and "
-                                     "relu(x + 0) = x on a ReLU output: exact")
-            else:
-                exact, note = False, f"{spec.init} block: not preserving"
             recs: list = []
-            for name, mod in new.named_modules():
+            for mod in new.modules():
                 if isinstance(mod, (nn.Conv2d, nn.BatchNorm2d)):
                     _record(model, recs, mod, [])
             changes.append((new, LayerChange(
-                op="deepen", path=f"{s}.{at}", kind=kind, init=spec.init, before=[], after=[w, w],
+                op="deepen", path=f"{s}.{at}", kind=_block_kind(blk), init=spec.init, before=[], after=[w, w],
                 exact=exact, note=note,
                 detail={"after": p, "block": t, "params": L.n_params(new), "weights": recs},
             )))
@@ -398,10 +407,7 @@ def deepen_tv_resnet(model, spec: Deepen, generator: Optional[torch.Generator]) 
 
 def _default_inputs(model: nn.Module) -> Optional[torch.Tensor]:
     """8 standard-normal 32x32 images (channels of ``conv1``), from a fixed seed."""
-    w = model.conv1.weight
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(8, model.conv1.in_channels, 32, 32, generator=g)
-    return x.to(device=w.device, dtype=w.dtype)
+    return L.fixed_seed_normal((8, model.conv1.in_channels, 32, 32), model.conv1.weight)
 
 
 FAMILY = Family(name="torchvision ResNet", matches=_is_tv_resnet, widen=widen_tv_resnet, deepen=deepen_tv_resnet,
