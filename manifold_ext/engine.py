@@ -416,7 +416,7 @@ _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mi
 
 # Points per pass of a chain are capped so that one layer's activations for the chunk stay near
 # the caches: past that, each layer streams them through memory again (the sweep behind the value
-# is in docs/benchmarks.md, "Engine constants").
+# is in docs/benchmarks.md, "Measurements behind the engine's constants").
 _CHAIN_BYTES = 8 << 20
 
 
@@ -486,7 +486,7 @@ def _run_chain(layers, fused: "_Fused", coeffs: Tensor, x: Tensor, y: Tensor, in
 
 # Points per pass are also capped so that one pass's activations stay near the caches: B points
 # at once stream B times one point's activations through memory between layers (the sweep behind
-# the value is in docs/benchmarks.md, "Engine constants").
+# the value is in docs/benchmarks.md, "Measurements behind the engine's constants").
 _PASS_BYTES = 128 << 20
 
 

@@ -486,69 +486,88 @@ def _line_search(accepted: Callable[[float], bool], *, rounds: int, doublings: i
 def _grow(model, space: _Space, data: Data, train: Data, tau: float, *, k, steps, points, batch_size,
           lr, lam, objective, init, samples, quantile, line_search, doublings, seed, loss, bn, kw, bar,
           trace):
-    """One run of the simplex estimator: the accepted vertices and the loss evaluations spent."""
+    """One run of the simplex estimator: the accepted vertices and the loss evaluations spent.
+    Vertex i is trained as a direction from the centroid of the accepted ones, then scaled to the
+    largest extent at which the simplex is accepted; the run stops at the first rejected vertex."""
     g = torch.Generator().manual_seed(seed)
     vertices = [space.anchor]
     n_eval = 0
-    x, y = train
     for i in range(1, k + 1):
         centroid = {n: sum(v[n] for v in vertices) / len(vertices) for n in space.names}
-        u = {n: (init * torch.randn(space.anchor[n].shape, generator=g, dtype=torch.float64))
-             .to(device=space.anchor[n].device, dtype=space.anchor[n].dtype).requires_grad_() for n in space.names}
-        opt = torch.optim.Adam(list(u.values()), lr=lr)
-        flat = [_flat_units(space, v) for v in vertices]
-        origin = flat[0]
-        basis = None
-        if len(flat) > 1:
-            basis = torch.linalg.qr(torch.stack([f - origin for f in flat[1:]], 1)).Q
-        frozen = P.stack(vertices)
-        for step in range(steps):
-            new = {n: centroid[n] + space.rms[n] * u[n] for n in space.names}
-            stacked = {n: torch.cat([frozen[n], new[n][None]]) if n in new
-                       else torch.cat([frozen[n], frozen[n][:1]]) for n in frozen}
-            idx = torch.randperm(len(x), generator=g)[:batch_size]
-            ref = frozen[space.names[0]]
-            w = P.simplex_weights(points, i + 1, generator=g).to(device=ref.device, dtype=ref.dtype)
-            losses = point_losses(model, stacked, w, (x[idx], y[idx]), loss=loss, bn=bn)
-            mean_loss = losses.mean()
-            log_h = _log_height(space, basis, new, origin)
-            if objective == "benton":
-                value = mean_loss - lam * log_h
-            else:  # the volume under the constraint: only points above tau push back
-                value = (torch.relu(losses - tau).mean() / max(tau, 1e-12)) / lam - log_h
-            opt.zero_grad()
-            value.backward()
-            opt.step()
-            n_eval += points
-            trace.append({"kind": "train", "connector": i, "step": step, "loss": mean_loss.item(),
-                          "log_height": log_h.item()})
-            bar.update()
-        with torch.no_grad():
-            new = {n: centroid[n] + space.rms[n] * u[n] for n in space.names}
-        # The largest scale alpha of the new vertex about the centroid at which the simplex is
-        # accepted: the training sets the direction, the threshold the extent (one fixed sample
-        # of points for every alpha: common random numbers).
-        weights = torch.cat([torch.eye(i + 1, dtype=torch.float64),
-                             P.simplex_weights(samples, i + 1, generator=g)])
-
-        def accepted(alpha: float) -> bool:
-            nonlocal n_eval
-            moved = {n: centroid[n] + alpha * (new[n] - centroid[n]) for n in space.names}
-            losses = _losses(model, vertices + [{**space.anchor, **moved}], weights, data, kw)
-            n_eval += len(weights)
-            ok = _accepts(losses[: i + 1], losses[i + 1:], tau, quantile)
-            trace.append({"kind": "line_search", "connector": i, "alpha": alpha, "accepted": ok,
-                          "vertex_loss": losses[i].item(),
-                          "quantile_loss": torch.quantile(losses[i + 1:], quantile).item()})
-            return ok
-
-        alpha_lo = _line_search(accepted, rounds=line_search, doublings=doublings)
-        if alpha_lo == 0.0:
+        new = _train_connector(model, space, vertices, centroid, train, tau, i=i, steps=steps, points=points,
+                               batch_size=batch_size, lr=lr, lam=lam, objective=objective, init=init,
+                               loss=loss, bn=bn, g=g, bar=bar, trace=trace)
+        n_eval += steps * points
+        alpha, spent = _extent(model, space, vertices, centroid, new, data, tau, i=i, samples=samples,
+                               quantile=quantile, line_search=line_search, doublings=doublings, g=g, kw=kw,
+                               trace=trace)
+        n_eval += spent
+        if alpha == 0.0:
             trace.append({"kind": "rejected", "connector": i})
             break
-        vertices.append({**space.anchor, **{n: centroid[n] + alpha_lo * (new[n] - centroid[n])
-                                            for n in space.names}})
+        vertices.append({**space.anchor, **{n: centroid[n] + alpha * (new[n] - centroid[n]) for n in space.names}})
     return vertices, n_eval
+
+
+def _train_connector(model, space: _Space, vertices, centroid, train: Data, tau: float, *, i, steps, points,
+                     batch_size, lr, lam, objective, init, loss, bn, g, bar, trace) -> P.State:
+    """The new vertex i, ``centroid + rms * u``, with ``u`` trained for ``steps`` steps on
+    mini-batches of ``train`` to enlarge the simplex (its height over the others' hull) while its
+    sampled points stay under tau (``objective="threshold"``) or at low mean loss (``"benton"``)."""
+    x, y = train
+    u = {n: (init * torch.randn(space.anchor[n].shape, generator=g, dtype=torch.float64))
+         .to(device=space.anchor[n].device, dtype=space.anchor[n].dtype).requires_grad_() for n in space.names}
+    opt = torch.optim.Adam(list(u.values()), lr=lr)
+    flat = [_flat_units(space, v) for v in vertices]
+    origin = flat[0]
+    basis = None
+    if len(flat) > 1:
+        basis = torch.linalg.qr(torch.stack([f - origin for f in flat[1:]], 1)).Q
+    frozen = P.stack(vertices)
+    for step in range(steps):
+        new = {n: centroid[n] + space.rms[n] * u[n] for n in space.names}
+        stacked = {n: torch.cat([frozen[n], new[n][None]]) if n in new
+                   else torch.cat([frozen[n], frozen[n][:1]]) for n in frozen}
+        idx = torch.randperm(len(x), generator=g)[:batch_size]
+        ref = frozen[space.names[0]]
+        w = P.simplex_weights(points, i + 1, generator=g).to(device=ref.device, dtype=ref.dtype)
+        losses = point_losses(model, stacked, w, (x[idx], y[idx]), loss=loss, bn=bn)
+        mean_loss = losses.mean()
+        log_h = _log_height(space, basis, new, origin)
+        if objective == "benton":
+            value = mean_loss - lam * log_h
+        else:  # the volume under the constraint: only points above tau push back
+            value = (torch.relu(losses - tau).mean() / max(tau, 1e-12)) / lam - log_h
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+        trace.append({"kind": "train", "connector": i, "step": step, "loss": mean_loss.item(),
+                      "log_height": log_h.item()})
+        bar.update()
+    with torch.no_grad():
+        return {n: centroid[n] + space.rms[n] * u[n] for n in space.names}
+
+
+def _extent(model, space: _Space, vertices, centroid, new, data: Data, tau: float, *, i, samples, quantile,
+            line_search, doublings, g, kw, trace) -> Tuple[float, int]:
+    """``(alpha, evaluations)``: the largest scale alpha of the new vertex about the centroid at
+    which the simplex is accepted (0 when none is). The training set the direction, the threshold
+    sets the extent; one fixed sample of points serves every alpha (common random numbers)."""
+    weights = torch.cat([torch.eye(i + 1, dtype=torch.float64), P.simplex_weights(samples, i + 1, generator=g)])
+    n_eval = 0
+
+    def accepted(alpha: float) -> bool:
+        nonlocal n_eval
+        moved = {n: centroid[n] + alpha * (new[n] - centroid[n]) for n in space.names}
+        losses = _losses(model, vertices + [{**space.anchor, **moved}], weights, data, kw)
+        n_eval += len(weights)
+        ok = _accepts(losses[: i + 1], losses[i + 1:], tau, quantile)
+        trace.append({"kind": "line_search", "connector": i, "alpha": alpha, "accepted": ok,
+                      "vertex_loss": losses[i].item(),
+                      "quantile_loss": torch.quantile(losses[i + 1:], quantile).item()})
+        return ok
+
+    return _line_search(accepted, rounds=line_search, doublings=doublings), n_eval
 
 
 def simplex(

@@ -634,7 +634,7 @@ def _run_suite(args, say) -> int:
 
     result = S.run_suite(benches, out, quick=args.quick, overrides=cfg, resume=args.resume, quiet=args.quiet,
                          device=resolve_device(args.device), on_task=done)
-    say(f"\nWithin-seed Spearman of each metric with the gains over the base, per task and averaged over the "
+    say("\nWithin-seed Spearman of each metric with the gains over the base, per task and averaged over the "
         "tasks with signal; equal-size order: share of same-size candidate pairs in the order of their gains "
         "(average over those tasks):")
     say(S.format_table(result))
