@@ -75,6 +75,34 @@ def test_not_distributed_is_a_no_op():
     assert D.gather_rows(t) is t
 
 
+def test_local_switches_sharding_off_for_its_own_context_only(monkeypatch):
+    import threading
+
+    monkeypatch.setattr(D, "active", lambda: True)
+    assert D.sharding()
+    seen = {}
+    inside, done = threading.Event(), threading.Event()
+
+    def other_thread():
+        inside.wait()
+        seen["other"] = D.sharding()  # another context: local() of the main thread does not reach it
+        done.set()
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    with pytest.raises(RuntimeError, match="boom"):
+        with D.local():
+            assert not D.sharding()
+            with D.local():
+                assert not D.sharding()
+            assert not D.sharding()  # the inner block restored the outer one's value
+            inside.set()
+            done.wait()
+            raise RuntimeError("boom")
+    t.join()
+    assert seen["other"] is True and D.sharding()  # restored after the error
+
+
 def test_probe_on_two_processes_equals_one(tmp_path):
     for i in range(2):
         torch.manual_seed(i)

@@ -496,3 +496,27 @@ def test_a_nested_fused_pass_on_the_same_model_is_refused_not_mixed_up():
     other = engine.evaluate(model, [a, b], coeffs.flip(1), data, engine="fused", quiet=True).loss
     again = engine.evaluate(model, [a, b], coeffs, data, engine="fused", quiet=True).loss
     assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_shard_false_evaluates_every_point_on_this_rank(monkeypatch):
+    from manifold_ext import distributed as D
+
+    torch.manual_seed(0)
+    model = mlp()
+    a, b = P.state_of(mlp()), P.state_of(mlp())
+    d = load_digits()
+    data = (d.x_test[:32], d.y_test[:32])
+    coeffs = torch.rand(5, 2)
+    alone = engine.evaluate(model, [a, b], coeffs, data, quiet=True).loss
+    monkeypatch.setattr(D, "active", lambda: True)  # as if a process group of several ranks ran
+
+    def no_collectives(*args):
+        raise AssertionError("shard=False must not shard or gather")
+
+    monkeypatch.setattr(D, "gather_rows", no_collectives)
+    monkeypatch.setattr(D, "shard", no_collectives)
+    assert torch.equal(engine.evaluate(model, [a, b], coeffs, data, quiet=True, shard=False).loss, alone)
+    with D.local():  # the default follows local()
+        assert torch.equal(engine.evaluate(model, [a, b], coeffs, data, quiet=True).loss, alone)
+    with pytest.raises(AssertionError, match="must not shard"):  # the default shards when distributed
+        engine.evaluate(model, [a, b], coeffs, data, quiet=True)
