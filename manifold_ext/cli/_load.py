@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .. import models
 from .._safe_load import PickledObjectsError, load_tensors, reason
+from ..training import evaluating
 from ._args import CommandError
 
 # ----------------------------------------------------------------------------- --model
@@ -494,16 +495,13 @@ def load_data(source: str, model: nn.Module, *, check_rows: int = 256) -> Data:
         x = x.to(param.dtype if param is not None else torch.get_default_dtype())
     device = next((t.device for t in model.parameters()), torch.device("cpu"))
     x, y = x.to(device), y.to(device)
-    was_training = model.training
-    model.eval()
     try:
-        out = model(x[:check_rows])
+        with evaluating(model):
+            out = model(x[:check_rows])
     except Exception as err:  # noqa: BLE001 - whatever the model raises on inputs it cannot take
         why = (str(err).strip().splitlines() or [""])[0][:200]
         raise CommandError(f"--data {label}: X of shape {tuple(x.shape)} does not fit the model: it takes "
                            f"{expected_input(model)} ({type(err).__name__}: {why})") from err
-    finally:
-        model.train(was_training)
     if out.dim() != 2:
         raise CommandError(f"--data {label}: expected the model to output logits of shape (N, classes), got "
                            f"{tuple(out.shape)}")
