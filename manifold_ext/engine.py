@@ -104,28 +104,36 @@ class _Call:
     collected: List[Tensor] = field(default_factory=list)
 
 
-class NestedEvaluationError(RuntimeError):
-    """A fused pass was asked to evaluate a model object that another pass is evaluating."""
-
-
 class _Patch(functools.partial):
     """A module's forward during a fused pass: ``fn(*args, call, inp)`` bound to its pass."""
 
 
+def _private_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module tree of ``model`` whose modules are new objects holding the same
+    parameter and buffer tensors (no data is copied): the fused engine replaces forwards on it,
+    never on the caller's modules, so concurrent and nested evaluations of one model cannot meet.
+    A module used twice in the tree is one module in the copy; tied tensors stay tied."""
+    made: Dict[int, nn.Module] = {}
+
+    def copy_of(m: nn.Module) -> nn.Module:
+        if id(m) not in made:
+            c = copy.copy(m)
+            made[id(m)] = c
+            c.__dict__["_parameters"] = m._parameters.copy()
+            c.__dict__["_buffers"] = m._buffers.copy()
+            c.__dict__["_modules"] = type(m._modules)((k, None if v is None else copy_of(v))
+                                                      for k, v in m._modules.items())
+        return made[id(m)]
+
+    return copy_of(model)
+
+
 @contextlib.contextmanager
 def _patched(patches: Dict[nn.Module, Callable], call: _Call):
-    """Replace the forward of some module instances by ``patch(call, inp)`` for the duration of one
-    pass, restoring any forward the instance itself carried.
-
-    Raises:
-        NestedEvaluationError: when a module is already inside a fused pass (a nested or concurrent
-            evaluation of the same model object), whose forwards this pass would replace.
-    """
+    """Replace the forward of some modules of a private copy (:func:`_private_copy`) by
+    ``patch(call, inp)`` for the duration of one pass, restoring any forward the instance itself
+    carried."""
     saved = {m: m.__dict__.get("forward") for m in patches}
-    if any(isinstance(f, _Patch) for f in saved.values()):
-        raise NestedEvaluationError("this model is already being evaluated by the fused engine (a nested or "
-                           "concurrent call on the same model object); evaluate a copy "
-                           "(copy.deepcopy(model)) or use engine='loop'")
     try:
         for m, fn in patches.items():
             m.forward = _Patch(fn, call)
@@ -275,9 +283,11 @@ class _Fused:
         self.stacked = stacked
         self.ignore_index = ignore_index
         self.head = find_head(model, loss, head)
+        # The passes run a private copy in eval mode: its forwards are replaced, the caller's never.
+        work = _private_copy(model).eval()
         patches, on_the_fly, users = {}, set(), {}
-        mha = {id(c) for m in model.modules() if isinstance(m, nn.MultiheadAttention) for c in m.children()}
-        for name, m in model.named_modules():
+        mha = {id(c) for m in work.modules() if isinstance(m, nn.MultiheadAttention) for c in m.children()}
+        for name, m in work.named_modules():
             pre = f"{name}." if name else ""
             own = {lay.canonical(pre + n) for n, _ in m.named_parameters(recurse=False, remove_duplicate=False)}
             patch = None
@@ -313,8 +323,8 @@ class _Fused:
             m = model.get_submodule(self.head)
             self.head_weight = stacked[lay.canonical(pre + "weight")]
             self.head_bias = stacked.get(lay.canonical(pre + "bias")) if m.bias is not None else None
-        self.body = model[:-1] if self.head is not None and loss == "cross_entropy" \
-            and isinstance(model, nn.Sequential) else model
+        self.body = work[:-1] if self.head is not None and loss == "cross_entropy" \
+            and isinstance(work, nn.Sequential) else work
 
     def materialise(self, coeffs: Tensor) -> P.State:
         """Per-point values (B, ...) of everything not built on the fly."""
@@ -363,7 +373,7 @@ class _Fused:
                 warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet "
                                         "implemented the batching rule", category=UserWarning)
                 return vmap(one_point)(coeffs, mat)
-        except (torch.OutOfMemoryError, MemoryError, _TooFewValues, NestedEvaluationError):
+        except (torch.OutOfMemoryError, MemoryError, _TooFewValues):
             raise
         except Exception as err:  # noqa: BLE001 - rethrown with its real cause
             cause = self.plain_error(x, kwargs)
@@ -711,7 +721,10 @@ def evaluate(
             ``engine="fused"`` one that runs under ``torch.func.functional_call`` and ``vmap``
             (Hugging Face GPT-2 and LLaMA, torchvision ResNets and the zoo do). It maps inputs
             ``(N, ...)`` to logits ``(N, classes)`` (``(N, T, vocab)`` for ``loss="lm"``), as a
-            tensor, a Hugging Face ``ModelOutput`` or a tuple starting with the logits.
+            tensor, a Hugging Face ``ModelOutput`` or a tuple starting with the logits. The fused
+            engine runs a private copy of its module tree (sharing every tensor), so neither its
+            modules nor their forwards are changed during a call, and a forward that sets an
+            attribute on its module sets it on the copy.
         vertices: K modules or state dicts of that architecture (a mismatch is a ValueError
             naming the first offending parameter). Tied parameters (GPT-2's ``lm_head.weight``
             is ``transformer.wte.weight``) are one parameter under any of their names.

@@ -465,37 +465,52 @@ def test_batchnorm_from_one_value_per_channel_is_refused_alike_by_both_engines(e
 
 
 class _Reentrant(nn.Module):
-    """Evaluates itself from inside its own forward: a nested fused pass on the same object."""
+    """Evaluates itself from inside its own forward (a nested fused pass on the same object). The
+    fused engine runs a private copy of the module tree, so what the forward records goes into a
+    dict that the copy shares: whether the caller's own Linear had its forward replaced."""
 
     def __init__(self):
         super().__init__()
         self.lin = nn.Linear(4, 3)
-        self.inner = None
+        self.log = {"caller_lin": self.lin, "patched_seen": False}
 
     def forward(self, x):
-        if self.inner is not None:
-            args, self.inner = self.inner, None
-            engine.evaluate(self, *args, engine="fused", quiet=True)
+        log = self.log
+        log["patched_seen"] |= "forward" in log["caller_lin"].__dict__
+        if "inner" in log:
+            log["inner_result"] = engine.evaluate(self, *log.pop("inner"), engine="fused", quiet=True).loss
         return torch.tanh(self.lin(x)) * 1.0
 
 
-def test_a_nested_fused_pass_on_the_same_model_is_refused_not_mixed_up():
+def test_a_nested_fused_pass_on_the_same_model_works_and_never_touches_its_modules():
     torch.manual_seed(0)
     model = _Reentrant()
     a, b = P.state_of(_Reentrant()), P.state_of(_Reentrant())
     data = (torch.randn(5, 4), torch.randint(0, 3, (5,)))
     coeffs = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
-    model.inner = ([a, b], coeffs, data)
-    with pytest.raises(engine.NestedEvaluationError,
-                       match=r"already being evaluated by the fused engine .*copy.deepcopy\(model\)\) or use engine='loop'"):
-        # points_per_chunk given: the first call of the model is inside the fused pass
-        engine.evaluate(model, [a, b], coeffs, data, engine="fused", points_per_chunk=2, quiet=True)
-    assert "forward" not in model.lin.__dict__  # the outer pass restored the module
-    # Each call has its own context: two calls in a row give what each gives alone.
-    first = engine.evaluate(model, [a, b], coeffs, data, engine="fused", quiet=True).loss
-    other = engine.evaluate(model, [a, b], coeffs.flip(1), data, engine="fused", quiet=True).loss
-    again = engine.evaluate(model, [a, b], coeffs, data, engine="fused", quiet=True).loss
-    assert torch.equal(first, again) and not torch.equal(first, other)
+    plain = engine.evaluate(model, [a, b], coeffs, data, engine="fused", points_per_chunk=2, quiet=True).loss
+    model.log["inner"] = ([a, b], coeffs.flip(1), data)
+    # points_per_chunk given: the first call of the model is inside the fused pass
+    outer = engine.evaluate(model, [a, b], coeffs, data, engine="fused", points_per_chunk=2, quiet=True).loss
+    assert "inner" not in model.log and torch.equal(outer, plain)
+    flipped = engine.evaluate(model, [a, b], coeffs.flip(1), data, engine="fused", quiet=True).loss
+    assert torch.equal(model.log["inner_result"], flipped) and not torch.equal(flipped, plain)
+    # The caller's modules are never patched, and they keep their own train/eval flags.
+    assert not model.log["patched_seen"] and "forward" not in model.lin.__dict__
+    model.train()
+    engine.evaluate(model, [a, b], coeffs, data, engine="fused", quiet=True)
+    assert all(m.training for m in model.modules())
+
+
+def test_the_private_copy_shares_tensors_and_keeps_ties_and_shared_modules():
+    shared = nn.Linear(3, 3)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    model.register_buffer("scale", torch.ones(1), persistent=False)
+    work = engine._private_copy(model)
+    assert work is not model and work[0] is work[2] and work[0] is not shared
+    assert work[0].weight is shared.weight and work.scale is model.scale
+    work[0].forward = lambda x: x  # replacing a forward on the copy leaves the original alone
+    assert "forward" not in shared.__dict__
 
 
 def test_shard_false_evaluates_every_point_on_this_rank(monkeypatch):
