@@ -15,7 +15,8 @@ rule; the within-seed Spearman with the run's gains and the equal-size order fol
         [--tasks mlp-digits ...] [--estimators radius minima] [--options JSON] [--json FILE]
 
 ``--options '{"minima": {"lr": 0.001}}'`` measures the estimators with these options on top of the
-run's own. Without it, the recomputed sizes under the run's own rule are checked against the
+run's own; ``{"minima": {"train_data": "train"}}`` trains minima's runs on the task's whole training
+set instead of the probe set. Without it, the recomputed sizes under the run's own rule are checked against the
 run's (the largest difference is printed): a mismatch means the units were not reproduced.
 """
 
@@ -69,6 +70,8 @@ def task_sensitivity(run: Path, bench: builtin.Benchmark, rules, estimators, n_b
             tau = tau_of(r, b["probe_loss"], b["chance_loss"])
             for e in estimators:
                 opts = {**settings.estimator_options.get(e, {}), **(options or {}).get(e, {})}
+                if opts.get("train_data") == "train":  # the estimator's runs on the whole training set
+                    opts["train_data"] = (t.x_train, t.y_train)
                 size = M.ESTIMATORS[e](grown, probe, tau=tau, seed=seed, quiet=True, loss=settings.loss, **opts).size
                 sizes[(e, r)][(seed, cand.name)] = size
                 stored = units[(seed, cand.name)]["sizes"].get(e)
