@@ -9,6 +9,7 @@ The variants:
 * ``radius``, ``minima``: the estimators as the run measured them;
 * ``radius + log d``: the radius size plus the log of the parameter count d (a radius per
   parameter's share of the space);
+* ``minima + log d``: the same for the minima size;
 * ``ball log-volume``: the log-volume of the d-dimensional ball of the measured radius,
   ``d * radius + (d / 2) log pi - lgamma(d / 2 + 1)`` (the manifold's volume if it were a ball);
 * ``rank(radius) + rank(minima)``: the two estimators' ranks within the seed, added.
@@ -50,6 +51,7 @@ def variants(units: list) -> dict:
         "minima": [u["sizes"]["minima"] for u in units],
         "parameters": [float(u["parameters"]) for u in units],
         "radius + log d": [u["sizes"]["radius"] + math.log(u["parameters"]) for u in units],
+        "minima + log d": [u["sizes"]["minima"] + math.log(u["parameters"]) for u in units],
         "ball log-volume": [_ball(u["parameters"], u["sizes"]["radius"]) for u in units],
         "rank(radius) + rank(minima)": _rank_sum(units, ("radius", "minima")),
     }
