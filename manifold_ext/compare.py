@@ -56,8 +56,10 @@ ESTIMATOR_NAMES = tuple(M.ESTIMATORS)
 # (docs/suite.md). simplex is opt-in: it cost more than the rest of a unit on the CNN and GPT-2.
 DEFAULT_ESTIMATORS = ("radius", "minima")
 # minima's runs train at the training learning rate for 3 epochs, long enough to move the end
-# points apart but not out of S for a preserving expansion (docs/suite.md).
-DEFAULT_ESTIMATOR_OPTIONS = {"minima": {"lr": 1e-3, "epochs": 3}}
+# points apart but not out of S for a preserving expansion; their simplex is measured in raw
+# parameter units, in which a model's extra parameters count as extra room, as they do for what
+# it can learn (filter units normalise that away; docs/suite.md).
+DEFAULT_ESTIMATOR_OPTIONS = {"minima": {"lr": 1e-3, "epochs": 3, "units": "raw"}}
 CHANCE_CAP = 0.5  # the threshold lies at most this fraction of the way from the base's loss to ln K
 LOSSES = ("cross_entropy", "lm")  # Settings.loss: classification, or next-token prediction
 PRESERVATION_ROWS = 64  # training inputs the preservation error is measured on when expand has no default

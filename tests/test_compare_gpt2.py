@@ -80,7 +80,7 @@ def test_settings_for_layers_benchmark_quick_and_overrides():
     # estimator_options merge per estimator: the defaults, the benchmark's, --quick's, then overrides.
     assert s.estimator_options["minima"] == {**C.DEFAULT_ESTIMATOR_OPTIONS["minima"], "m": 4, "samples": 64}
     o = C.settings_for(b, estimator_options={"minima": {"lr": 0.01}, "simplex": {"k": 1}})
-    assert o.estimator_options["minima"] == {"lr": 0.01, "epochs": 3, "m": 4, "samples": 64}
+    assert o.estimator_options["minima"] == {"lr": 0.01, "epochs": 3, "units": "raw", "m": 4, "samples": 64}
     assert o.estimator_options["simplex"] == {"k": 1} and o.estimator_options["radius"]["directions"] == 16
 
 
