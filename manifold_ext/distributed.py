@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 300.0
-# Whether evaluations shard their points, per context (a thread or task sees only its own
-# local() blocks), so that one rank's unit of work cannot switch sharding off for another's.
+# Whether evaluations shard their points, per context: a local() block in one thread or task does
+# not reach evaluations running in another.
 _SHARDING: contextvars.ContextVar[bool] = contextvars.ContextVar("manifold_ext_sharding", default=True)
 
 
