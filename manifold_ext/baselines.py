@@ -40,6 +40,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from . import params as P
+from ._checks import int_at_least, positive
 from ._data import check_data, chunks
 from ._results import Result
 from .engine import evaluate
@@ -88,19 +89,6 @@ def _check_batch_size(batch_size) -> Optional[int]:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be None (all at once) or an integer >= 1, got {batch_size!r}")
     return batch_size
-
-
-def _check_count(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
-
-
-def _check_positive(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 def _check_input_shape(input_shape) -> Tuple[int, ...]:
@@ -354,7 +342,7 @@ def jacob_cov(model: nn.Module, data: Data, *, n: int = 128, seed: int = 0,
     """
     _check_model(model)
     x, y = _check_data(data)
-    _check_count(n, "n")
+    int_at_least("n", n)
     batch_size = _check_batch_size(batch_size)
     if not x.is_floating_point():
         raise ValueError(f"jacob_cov needs floating-point inputs (it differentiates by them), "
@@ -449,7 +437,7 @@ def hessian_trace(model: nn.Module, data: Data, *, probes: int = 64, seed: int =
     """
     _check_model(model)
     x, y = _check_data(data)
-    _check_count(probes, "probes")
+    int_at_least("probes", probes)
     batch_size = _check_batch_size(batch_size)
     with evaluating(model):
         curv = _Curvature(model, x, y, batch_size)
@@ -487,8 +475,8 @@ def hessian_top_eigenvalue(model: nn.Module, data: Data, *, iters: int = 50, tol
     """
     _check_model(model)
     x, y = _check_data(data)
-    _check_count(iters, "iters")
-    _check_positive(tol, "tol")
+    int_at_least("iters", iters)
+    positive("tol", tol)
     batch_size = _check_batch_size(batch_size)
     with evaluating(model):
         curv = _Curvature(model, x, y, batch_size)
@@ -536,7 +524,7 @@ def sam_sharpness(model: nn.Module, data: Data, *, rho: float = 0.05,
     """
     _check_model(model)
     x, y = _check_data(data)
-    rho = _check_positive(rho, "rho")
+    rho = positive("rho", rho)
     batch_size = _check_batch_size(batch_size)
     with evaluating(model):
         names, values, fixed = _split(model)
@@ -571,8 +559,8 @@ def perturbation_flatness(model: nn.Module, data: Data, *, sigma: float = 0.05, 
     """
     _check_model(model)
     x, y = _check_data(data)
-    sigma = _check_positive(sigma, "sigma")
-    _check_count(n, "n")
+    sigma = positive("sigma", sigma)
+    int_at_least("n", n)
     batch_size = _check_batch_size(batch_size)
     if kind not in ("filter", "gaussian"):
         raise ValueError(f"kind must be 'filter' or 'gaussian', got {kind!r}")

@@ -65,8 +65,9 @@ LOSSES = ("cross_entropy", "lm")  # Settings.loss: classification, or next-token
 PRESERVATION_ROWS = 64  # training inputs the preservation error is measured on when expand has no default
 
 
-# Settings keys of earlier versions, read under their new names: ``threshold`` was a multiple of
-# the base's loss while every other "threshold" in the package is a loss.
+# Old names of settings keys, read under their current names so that config files and run
+# directories that use them still load. A key is named for what it holds: ``threshold_multiple``
+# is a multiple of the base's loss, while every "threshold" in the package is a loss.
 RENAMED_SETTINGS = {"threshold": "threshold_multiple"}
 
 

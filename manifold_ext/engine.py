@@ -104,10 +104,6 @@ class _Call:
     collected: List[Tensor] = field(default_factory=list)
 
 
-class _Patch(functools.partial):
-    """A module's forward during a fused pass: ``fn(*args, call, inp)`` bound to its pass."""
-
-
 def _private_copy(model: nn.Module) -> nn.Module:
     """A copy of the module tree of ``model`` whose modules are new objects holding the same
     parameter and buffer tensors (no data is copied): the fused engine replaces forwards on it,
@@ -136,7 +132,7 @@ def _patched(patches: Dict[nn.Module, Callable], call: _Call):
     saved = {m: m.__dict__.get("forward") for m in patches}
     try:
         for m, fn in patches.items():
-            m.forward = _Patch(fn, call)
+            m.forward = functools.partial(fn, call)
         yield
     finally:
         for m, old in saved.items():

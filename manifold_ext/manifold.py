@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import params as P
+from ._checks import int_at_least, positive
 from .engine import evaluate, point_losses
 from .training import train
 from ._results import Result, figure
@@ -130,19 +131,8 @@ class ManifoldEstimate(Result):
 
 def threshold(anchor_loss: float, *, epsilon: float = 0.1, relative: bool = True) -> float:
     """The loss threshold ``L + epsilon`` (absolute) or ``L * (1 + epsilon)`` (relative)."""
-    if not epsilon > 0:
-        raise ValueError(f"epsilon must be positive, got {epsilon}")
+    epsilon = positive("epsilon", epsilon)
     return anchor_loss * (1 + epsilon) if relative else anchor_loss + epsilon
-
-
-def _check_positive_int(name: str, value, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{name} must be positive, got {value}")
 
 
 def _training_data(data: Data, train_data: Optional[Data]) -> Data:
@@ -330,9 +320,9 @@ def radius(
     lo, hi, n_grid = grid
     if not 0 < lo < hi:
         raise ValueError(f"grid must be (lo, hi, n) with 0 < lo < hi, got {grid}")
-    _check_positive_int("grid's number of points", n_grid, 2)
-    _check_positive_int("bisect", bisect, 0)
-    _check_positive_int("extend", extend, 0)
+    int_at_least("grid's number of points", n_grid, 2)
+    int_at_least("bisect", bisect, 0)
+    int_at_least("extend", extend, 0)
     space, anchor_loss, tau = _setup(model, data, units, tau, epsilon, relative, kw)
     dirs = _unit_directions(space, directions, kind, ignore, seed)
     R = len(dirs)
@@ -367,7 +357,7 @@ def _unit_directions(space: _Space, directions, kind: str, ignore: str, seed: in
     """The directions of :func:`radius` (``directions`` random ones, or those given), each scaled
     to unit length in the space's units."""
     if isinstance(directions, int):
-        _check_positive_int("directions", directions)
+        int_at_least("directions", directions)
         dirs = _directions(space, directions, kind, ignore, seed)
     else:
         dirs = [{n: d[n].to(device=space.anchor[n].device, dtype=torch.float64) for n in space.names}
@@ -637,12 +627,12 @@ def simplex(
     start = time.perf_counter()
     for name, v in (("k", k), ("steps", steps), ("points", points), ("batch_size", batch_size),
                     ("samples", samples), ("repeats", repeats)):
-        _check_positive_int(name, v)
-    _check_positive_int("line_search", line_search, 0)
-    _check_positive_int("doublings", doublings, 0)
+        int_at_least(name, v)
+    int_at_least("line_search", line_search, 0)
+    int_at_least("doublings", doublings, 0)
     _check_fraction("quantile", quantile)
     for name, v in (("lr", lr), ("lam", lam), ("init", init)):
-        _check_positive(name, v)
+        positive(name, v)
     if objective not in ("threshold", "benton"):
         raise ValueError(f"objective must be 'threshold' or 'benton', got {objective!r}")
     ev_kw = _evaluation_options(kw)
@@ -731,7 +721,7 @@ def largest_simplex(
     simplex are at most tau. Among the largest accepted subsets, the one of largest volume wins. Distances are in
     ``units`` about ``model`` (the anchor); ``kw`` goes to :func:`manifold_ext.engine.evaluate`.
     """
-    _check_positive_int("samples", samples)
+    int_at_least("samples", samples)
     _check_fraction("quantile", quantile)
     space = _Space(model, units)
     states = [P.state_of(v) for v in vertices]
@@ -806,10 +796,10 @@ def minima(
     """
     start = time.perf_counter()
     for name, v in (("m", m), ("epochs", epochs), ("batch_size", batch_size)):
-        _check_positive_int(name, v)
+        int_at_least(name, v)
     if m < 2:
         raise ValueError(f"m must be at least 2 (a simplex needs two end points), got {m}")
-    _check_positive("lr", lr)
+    positive("lr", lr)
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
     ev_kw = _evaluation_options(kw)

@@ -35,7 +35,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SHELL = ("bash", "sh", "shell", "console")
-TIMEOUT = 300  # seconds per block; the slowest takes about 20 s on 2 idle cores
+# Seconds a block may run: a block that runs for minutes belongs in ALLOWLIST, and one stuck
+# must fail rather than hang the test run.
+TIMEOUT = 300
 
 # Shell blocks that run: (file, a string only that block of the file contains).
 RUN = {

@@ -208,7 +208,7 @@ def test_minima_size_is_the_volume_of_its_end_points():
 def test_threshold():
     assert M.threshold(2.0, epsilon=0.1) == pytest.approx(2.2)
     assert M.threshold(2.0, epsilon=0.1, relative=False) == pytest.approx(2.1)
-    with pytest.raises(ValueError, match="epsilon must be positive, got 0"):
+    with pytest.raises(ValueError, match="epsilon must be a finite number > 0, got 0"):
         M.threshold(2.0, epsilon=0)
 
 
@@ -279,7 +279,7 @@ def test_estimate_json_round_trip():
 
 @pytest.mark.parametrize("fn,kwargs,msg", [
     ("radius", {"units": "metres"}, "units must be 'raw' or 'filter', got 'metres'"),
-    ("radius", {"epsilon": -1.0}, "epsilon must be positive, got -1.0"),
+    ("radius", {"epsilon": -1.0}, "epsilon must be a finite number > 0, got -1.0"),
     ("radius", {"directions": 0}, "directions must be an integer >= 1, got 0"),
     ("radius", {"directions": []}, "directions must not be empty"),
     ("radius", {"kind": "uniform"}, "kind must be 'filter' or 'gaussian', got 'uniform'"),
@@ -287,9 +287,9 @@ def test_estimate_json_round_trip():
     ("simplex", {"k": 0}, "k must be an integer >= 1, got 0"),
     ("simplex", {"quantile": 1.5}, r"quantile must be in \(0, 1\], got 1.5"),
     ("simplex", {"objective": "max"}, "objective must be 'threshold' or 'benton', got 'max'"),
-    ("simplex", {"lam": 0.0}, "lam must be positive, got 0.0"),
+    ("simplex", {"lam": 0.0}, "lam must be a finite number > 0, got 0.0"),
     ("minima", {"m": 1}, r"m must be at least 2 \(a simplex needs two end points\), got 1"),
-    ("minima", {"lr": 0}, "lr must be positive, got 0"),
+    ("minima", {"lr": 0}, "lr must be a finite number > 0, got 0"),
     ("minima", {"optimizer": "lbfgs"}, "optimizer must be 'adam' or 'sgd', got 'lbfgs'"),
 ])
 def test_errors_name_the_argument(fn, kwargs, msg):
