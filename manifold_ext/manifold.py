@@ -672,6 +672,22 @@ def simplex(
 # ----------------------------------------------------------------------------- minima
 
 
+MINIMA_BATCHES = 8  # minima's default batches per epoch
+
+
+def _runs_batch_size(batch_size: Optional[int], n: int) -> int:
+    """minima's minibatch over ``n`` training examples. One batch of all of them would give every
+    run the same gradients, whatever the data order: the end points would differ by rounding."""
+    if batch_size is None:
+        batch_size = max(1, math.ceil(n / MINIMA_BATCHES))
+    int_at_least("batch_size", batch_size)
+    if batch_size >= n:
+        raise ValueError(f"batch_size must be less than the {n} training examples of minima's runs, got "
+                         f"{batch_size}: with one batch per epoch every run takes the same steps, and the end "
+                         f"points differ only by rounding")
+    return batch_size
+
+
 def _train_copy(model: nn.Module, data: Data, *, epochs: int, lr: float, batch_size: int, seed: int,
                 loss: str, optimizer: str = "adam") -> P.State:
     """The state of a copy of ``model`` trained for ``epochs`` epochs in a seeded data order."""
@@ -758,7 +774,7 @@ def minima(
     epochs: int = 1,
     optimizer: str = "adam",
     lr: float = 1e-4,
-    batch_size: int = 64,
+    batch_size: Optional[int] = None,
     samples: int = 128,
     quantile: float = 0.95,
     tau: Optional[float] = None,
@@ -776,6 +792,11 @@ def minima(
     their end points whose simplex lies in S (:func:`largest_simplex`) gives the size
     ``(1/k) log Vol_k`` (k = subset size - 1), in ``units`` about the model.
 
+    The runs differ by their data order alone, so an epoch must take more than one batch: by
+    default its N examples go in batches of ``ceil(N / MINIMA_BATCHES)``, :data:`MINIMA_BATCHES`
+    of them when N is a multiple, which also keeps a run's number of steps the same whatever the
+    size of the training set.
+
     Unlike the other estimators, an anchor above tau does not make the region empty: the runs
     may still end in S.
 
@@ -783,7 +804,9 @@ def minima(
         model: the starting point of the runs (the anchor for units and the threshold).
         data: the probe set that defines L and S.
         train_data: the runs' training data (default: the probe set).
-        m, epochs, optimizer, lr, batch_size: the runs.
+        m, epochs, optimizer, lr: the runs.
+        batch_size: the runs' minibatch, less than the training set (default: ``ceil(N /
+            MINIMA_BATCHES)`` of its N examples).
         samples, quantile: the acceptance test of :func:`largest_simplex`.
         tau, epsilon, relative, units: as in :func:`radius`.
         **kw: ``loss`` (training and evaluation), ``bn`` and other evaluation options; the
@@ -795,16 +818,17 @@ def minima(
         every end point's loss and the pairwise distances in units.
     """
     start = time.perf_counter()
-    for name, v in (("m", m), ("epochs", epochs), ("batch_size", batch_size)):
+    for name, v in (("m", m), ("epochs", epochs)):
         int_at_least(name, v)
     if m < 2:
         raise ValueError(f"m must be at least 2 (a simplex needs two end points), got {m}")
     positive("lr", lr)
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+    train_set = _training_data(data, train_data)
+    batch_size = _runs_batch_size(batch_size, len(train_set[0]))
     ev_kw = _evaluation_options(kw)
     space, anchor_loss, tau = _setup(model, data, units, tau, epsilon, relative, ev_kw)
-    train_set = _training_data(data, train_data)
     bar = _bar(m, quiet, "minima")
     ends, trace = [], []
     for i in range(m):
@@ -825,7 +849,7 @@ def minima(
         threshold=tau, anchor_loss=anchor_loss, units=space.units,
         n_evaluations=1 + choice.evaluations, seconds=time.perf_counter() - start, trace=trace,
         details={"subset": choice.indices, "vertex_losses": choice.vertex_losses, "distances": dists,
-                 "train_steps": m * epochs * math.ceil(len(train_set[0]) / batch_size)})
+                 "batch_size": batch_size, "train_steps": m * epochs * math.ceil(len(train_set[0]) / batch_size)})
 
 
 ESTIMATORS: Dict[str, Callable[..., ManifoldEstimate]] = {"radius": radius, "simplex": simplex, "minima": minima}

@@ -202,6 +202,19 @@ def test_minima_size_is_the_volume_of_its_end_points():
     assert all(v <= est.threshold for v in est.details["vertex_losses"])
 
 
+def test_minima_runs_take_the_same_number_of_steps_whatever_the_training_set_size():
+    X, y, centre = _ball(n=40)
+    model = _linear(centre + 0.1)
+    for n, batch in ((40, 5), (16, 2), (13, 2)):  # ceil(n / 8): 8 batches when 8 divides n
+        est = M.minima(model, (X[:n], y[:n]), m=2, epochs=3, samples=8, loss="mse", quiet=True)
+        assert est.details["batch_size"] == batch == math.ceil(n / M.MINIMA_BATCHES)
+        assert est.details["train_steps"] == 2 * 3 * math.ceil(n / batch)
+    # Runs in different data orders end apart; one batch of every example would give them one path.
+    assert min(d for row in est.details["distances"] for d in row if d > 0) > 1e-6
+    with pytest.raises(ValueError, match="batch_size must be less than the 13 training examples"):
+        M.minima(model, (X[:13], y[:13]), m=2, batch_size=13, loss="mse", quiet=True)
+
+
 # ----------------------------------------------------------------------------- shared behaviour
 
 
@@ -291,6 +304,9 @@ def test_estimate_json_round_trip():
     ("minima", {"m": 1}, r"m must be at least 2 \(a simplex needs two end points\), got 1"),
     ("minima", {"lr": 0}, "lr must be a finite number > 0, got 0"),
     ("minima", {"optimizer": "lbfgs"}, "optimizer must be 'adam' or 'sgd', got 'lbfgs'"),
+    ("minima", {"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+    ("minima", {"batch_size": 12}, "batch_size must be less than the 12 training examples of minima's runs, got 12: "
+                                   "with one batch per epoch every run takes the same steps"),
 ])
 def test_errors_name_the_argument(fn, kwargs, msg):
     X, y, centre = _ball()
