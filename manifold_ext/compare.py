@@ -632,6 +632,9 @@ def _run_config(bench: Benchmark, settings: Settings, base: Optional[nn.Module])
         del config["settings"]["loss"]
     if base is not None:  # absent for a trained base, so that older run directories still resume
         config["base"] = fingerprint(base)
+    if "minima" in settings.estimators and "batch_size" not in settings.estimator_options.get("minima", {}):
+        # minima's default batch is a rule, not a setting: a run measured under another rule must not resume.
+        config["minima_batches"] = M.MINIMA_BATCHES
     return json.loads(json.dumps(config, default=str))
 
 

@@ -47,6 +47,11 @@ def differences(old: dict, new: dict, keys: List[str], default_settings: dict) -
             names_a, names_b = [c.get("name") for c in a], [c.get("name") for c in b]
             parts.append(f"candidates: {names_a} in the run, {names_b} now" if names_a != names_b
                          else "candidates: the same names with other specs")
+        elif k == "minima_batches":
+            def rule(n):
+                return ("batches of 64 (an earlier version of minima)" if n is None
+                        else f"batches of ceil(N / {n}) of its N training examples")
+            parts.append(f"minima's runs took {rule(a)} in the run, {rule(b)} now")
         else:
             parts.append(f"{k}: {a!r} in the run, {b!r} now")
     return "; ".join(parts) or "its config differs"

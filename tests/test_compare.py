@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from manifold_ext import builtin, compare as C
+from manifold_ext import builtin, compare as C, manifold as M
 from manifold_ext.builtin import Benchmark, Candidate
 from manifold_ext.cli import main
 from manifold_ext.expand import Deepen, Widen
@@ -133,6 +134,22 @@ def test_resume_recomputes_nothing_and_refuses_other_settings(tiny_run, monkeypa
     with pytest.raises(ValueError, match=r"cannot resume .*: candidates: \['control', 'wide', .*\] in the run, "
                                          r"\['control', 'wide'\] now"):
         C.compare(other, C.Settings(**TINY), out, resume=True, quiet=True)
+
+
+def test_a_run_measured_by_an_earlier_minima_does_not_resume(tiny_run, tmp_path):
+    out, _ = tiny_run
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    config = json.loads((old / "config.json").read_text())
+    assert config["minima_batches"] == M.MINIMA_BATCHES
+    del config["minima_batches"]
+    (old / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"cannot resume .*: minima's runs took batches of 64 \(an earlier version of "
+                                         r"minima\) in the run, batches of ceil\(N / 8\) of its N training examples now"):
+        C.compare(_tiny_bench(), C.Settings(**TINY), old, resume=True, quiet=True)
+    # A batch given outright is a setting like any other: no rule to record.
+    fixed = C.Settings(**{**TINY, "estimator_options": {**TINY["estimator_options"], "minima": {"m": 2, "batch_size": 8}}})
+    assert "minima_batches" not in C._run_config(_tiny_bench(), fixed, None)
 
 
 @pytest.mark.parametrize("kwargs,msg", [
