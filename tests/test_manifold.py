@@ -202,13 +202,14 @@ def test_minima_size_is_the_volume_of_its_end_points():
     assert all(v <= est.threshold for v in est.details["vertex_losses"])
 
 
-def test_minima_runs_take_the_same_number_of_steps_whatever_the_training_set_size():
+def test_minima_runs_default_batch_is_an_eighth_of_the_training_set():
     X, y, centre = _ball(n=40)
     model = _linear(centre + 0.1)
-    for n, batch in ((40, 5), (16, 2), (13, 2)):  # ceil(n / 8): 8 batches when 8 divides n
+    # ceil(n / 8): 8 steps per epoch when 8 divides n, whatever n; 7 for n = 13 (batches of 2).
+    for n, batch, steps_per_epoch in ((40, 5, 8), (16, 2, 8), (13, 2, 7)):
         est = M.minima(model, (X[:n], y[:n]), m=2, epochs=3, samples=8, loss="mse", quiet=True)
         assert est.details["batch_size"] == batch == math.ceil(n / M.MINIMA_BATCHES)
-        assert est.details["train_steps"] == 2 * 3 * math.ceil(n / batch)
+        assert est.details["train_steps"] == 2 * 3 * steps_per_epoch
     # Runs in different data orders end apart; one batch of every example would give them one path.
     assert min(d for row in est.details["distances"] for d in row if d > 0) > 1e-6
     with pytest.raises(ValueError, match="batch_size must be less than the 13 training examples"):
